@@ -1,0 +1,196 @@
+//! Values that are valid by construction: past the HTTP edge, a `Phone`, a
+//! `MessageSid` or an `EventKind` needs no further checking.
+
+use std::fmt;
+
+use phonenumber::country;
+use serde::{Deserialize, Serialize};
+
+/// A phone number in E.164 (`+14155550101`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Phone(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a phone number")]
+pub struct NotAPhone;
+
+/// Reads a region code such as `US` (case-insensitive).
+pub fn parse_region(code: &str) -> Option<country::Id> {
+    code.trim().to_ascii_uppercase().parse::<country::Id>().ok()
+}
+
+impl Phone {
+    /// Parses a number however it was typed (`(415) 555-0101`, `+1 415…`,
+    /// `1-415-555-0101`, `whatsapp:+1415…`), reading numbers without a country
+    /// code in `region`.
+    pub fn parse(raw: &str, region: country::Id) -> Result<Phone, NotAPhone> {
+        let text = strip_channel(raw.trim());
+        // libphonenumber accepts letters as keypad digits ("1-800-FLOWERS"), which
+        // would let any word become a "number"; a phone field of ours holds digits.
+        if text.is_empty() || text.chars().any(|c| c.is_alphabetic()) {
+            return Err(NotAPhone);
+        }
+        let digits = text.chars().filter(char::is_ascii_digit).count();
+        if !(3..=17).contains(&digits) {
+            return Err(NotAPhone);
+        }
+        let number = phonenumber::parse(Some(region), text).map_err(|_| NotAPhone)?;
+        let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
+        Ok(Phone(e164))
+    }
+
+    /// Like [`Phone::parse`] but only for numbers that are valid for their
+    /// region: what the relay matches on, so a short code or a stray digit run
+    /// never matches anything.
+    pub fn parse_valid(raw: &str, region: country::Id) -> Option<Phone> {
+        let text = strip_channel(raw.trim());
+        if text.is_empty() || text.chars().any(|c| c.is_alphabetic()) {
+            return None;
+        }
+        let number = phonenumber::parse(Some(region), text).ok()?;
+        if !phonenumber::is_valid(&number) {
+            return None;
+        }
+        Some(Phone(number.format().mode(phonenumber::Mode::E164).to_string()))
+    }
+
+    /// Rebuilds a stored value (already E.164).
+    pub fn from_stored(e164: String) -> Phone {
+        Phone(e164)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `+1415***0101`: enough to tell numbers apart in a log, not to dial one.
+    pub fn masked(&self) -> String {
+        mask(&self.0)
+    }
+}
+
+impl fmt::Display for Phone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Masks the middle of a phone-like string for logs.
+pub fn mask(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= 6 {
+        return "***".to_owned();
+    }
+    let (head, tail) = if chars.len() >= 10 { (5, 4) } else { (2, 2) };
+    let mut out: String = chars[..head].iter().collect();
+    out.push_str("***");
+    out.extend(&chars[chars.len() - tail..]);
+    out
+}
+
+/// `whatsapp:+1415…`, `messenger:…`, `sms:…` → the address after the channel.
+fn strip_channel(s: &str) -> &str {
+    match s.split_once(':') {
+        Some((scheme, rest)) if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphabetic()) => rest.trim(),
+        _ => s,
+    }
+}
+
+/// Twilio's message id (`SM…`/`MM…`, 34 characters). Accepted leniently (any
+/// 2-64 ASCII alphanumerics) because it is only a deduplication key here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageSid(String);
+
+impl MessageSid {
+    pub fn parse(s: &str) -> Option<MessageSid> {
+        let ok = (2..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric());
+        ok.then(|| MessageSid(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What an inbound message means for the person's consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    OptOut,
+    OptIn,
+    /// Recorded for the audit trail; changes nothing downstream.
+    Help,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::OptOut => "opt_out",
+            EventKind::OptIn => "opt_in",
+            EventKind::Help => "help",
+        }
+    }
+    pub fn parse(s: &str) -> Option<EventKind> {
+        match s {
+            "opt_out" => Some(EventKind::OptOut),
+            "opt_in" => Some(EventKind::OptIn),
+            "help" => Some(EventKind::Help),
+            _ => None,
+        }
+    }
+    /// Whether the event changes the opt-out state (and so is relayed).
+    pub fn changes_consent(self) -> bool {
+        !matches!(self, EventKind::Help)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_common_us_format_to_the_same_e164() {
+        for raw in [
+            "(415) 555-0101",
+            "415-555-0101",
+            "4155550101",
+            "+1 415 555 0101",
+            "1-415-555-0101",
+            "415.555.0101",
+            "+14155550101",
+            "whatsapp:+14155550101",
+        ] {
+            assert_eq!(Phone::parse(raw, country::Id::US).unwrap().as_str(), "+14155550101", "{raw}");
+        }
+    }
+
+    #[test]
+    fn refuses_text_that_is_no_number() {
+        for raw in ["", "   ", "abc", "STOP", "1-800-FLOWERS", "12", "whatsapp:"] {
+            assert_eq!(Phone::parse(raw, country::Id::US), Err(NotAPhone), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn short_codes_parse_but_are_never_valid_for_matching() {
+        assert!(Phone::parse("12345", country::Id::US).is_ok());
+        assert_eq!(Phone::parse_valid("12345", country::Id::US), None);
+        assert_eq!(Phone::parse_valid("", country::Id::US), None);
+        assert_eq!(Phone::parse_valid("+44 20 7946 0958", country::Id::US).unwrap().as_str(), "+442079460958");
+    }
+
+    #[test]
+    fn masks_the_middle() {
+        assert_eq!(mask("+14155550101"), "+1415***0101");
+        assert_eq!(mask("12345678"), "12***78");
+        assert_eq!(mask("123"), "***");
+    }
+
+    #[test]
+    fn message_sid_is_alphanumeric() {
+        assert!(MessageSid::parse("SM00000000000000000000000000000001").is_some());
+        assert!(MessageSid::parse("").is_none());
+        assert!(MessageSid::parse("SM' OR 1=1").is_none());
+    }
+}

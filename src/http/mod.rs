@@ -1,0 +1,118 @@
+//! The HTTP edge: one router, one shared state, errors mapped in `error.rs`.
+
+pub mod error;
+mod health;
+mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, Request, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use phonenumber::country;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+use crate::domain::Phone;
+use crate::store::batch::BatchWriter;
+use crate::store::Store;
+use crate::twilio::keywords::Keywords;
+use crate::twilio::signature::Verifier;
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub store: Store,
+    pub writer: BatchWriter,
+    pub verifier: Verifier,
+    pub validate_signatures: bool,
+    /// Base URLs Twilio may have signed over (public_url first, then alternates).
+    pub base_urls: Vec<String>,
+    pub keywords: Keywords,
+    pub region: country::Id,
+    pub mask_phones: bool,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(inner: Inner) -> AppState {
+        AppState(Arc::new(inner))
+    }
+
+    /// Candidate full URLs for the signature: each configured base + the raw
+    /// path and query received (a `#fragment` of connection overrides in the
+    /// configured URL is tried with and without). With no `public_url`, the
+    /// request's own Host and `X-Forwarded-Proto` stand in.
+    pub fn signed_urls(&self, path_and_query: &str, headers: &HeaderMap) -> Vec<String> {
+        let mut out = Vec::new();
+        for base in &self.base_urls {
+            let (base, fragment) = match base.split_once('#') {
+                Some((b, f)) => (b, Some(f)),
+                None => (base.as_str(), None),
+            };
+            let full = format!("{}{}", base.trim_end_matches('/'), path_and_query);
+            if let Some(f) = fragment {
+                out.push(format!("{full}#{f}"));
+            }
+            out.push(full);
+        }
+        if out.is_empty() {
+            let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("localhost");
+            let proto = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or("http");
+            out.push(format!("{proto}://{host}{path_and_query}"));
+        }
+        out
+    }
+
+    pub fn show_phone(&self, phone: &Phone) -> String {
+        if self.mask_phones {
+            phone.masked()
+        } else {
+            phone.as_str().to_owned()
+        }
+    }
+}
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|req: &Request<_>| {
+            let id = req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
+            tracing::info_span!(
+                "request",
+                request_id = %id,
+                method = %req.method(),
+                path = %req.uri().path(),
+                outcome = tracing::field::Empty,
+                kind = tracing::field::Empty,
+                phone = tracing::field::Empty,
+            )
+        })
+        .on_request(())
+        .on_response(|res: &Response<_>, latency: Duration, _span: &Span| {
+            tracing::info!(status = res.status().as_u16(), latency_ms = latency.as_secs_f64() * 1000.0, "handled");
+        })
+        .on_failure(());
+
+    Router::new()
+        .route("/twilio/messages", post(webhook::inbound))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+        .layer(CatchPanicLayer::new())
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(trace)
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}

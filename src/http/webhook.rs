@@ -1,0 +1,90 @@
+//! `POST /twilio/messages`: the Messaging Service's inbound webhook.
+//!
+//! Order of checks: size (413) → content type (415) → signature (403) →
+//! fields (400) → classify → record (503 unless committed) → empty TwiML.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::store::{NewEvent, RecordOutcome};
+use crate::twilio::signature::SignedBody;
+use crate::twilio::webhook::{decode_form, parse_inbound};
+
+/// Advanced Opt-Out has already answered the person; a second reply from us
+/// would be one text too many, so the TwiML is empty.
+const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>";
+
+pub async fn inbound(
+    State(app): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        _ => ApiError::BadRequest("unreadable body".into()),
+    })?;
+    if !is_form(&headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let pairs = decode_form(&body);
+
+    if app.validate_signatures {
+        let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+        let urls = app.signed_urls(path_and_query, &headers);
+        let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        app.verifier.verify(
+            &urls,
+            header_str("x-twilio-signature"),
+            header_str("x-twilio-webhooks-signature-settings"),
+            SignedBody::Form(&pairs),
+        )?;
+    }
+
+    let msg = parse_inbound(&pairs, app.region)?;
+    let span = tracing::Span::current();
+    span.record("phone", tracing::field::display(app.show_phone(&msg.from)));
+
+    let Some(kind) = app.keywords.classify(msg.opt_out_type.as_deref(), &msg.body) else {
+        span.record("outcome", "ignored");
+        return Ok(twiml());
+    };
+    span.record("kind", kind.as_str());
+
+    let event = NewEvent {
+        scope: msg.scope().to_owned(),
+        message_sid: msg.message_sid,
+        account_sid: msg.account_sid,
+        messaging_service_sid: msg.messaging_service_sid,
+        phone: msg.from,
+        from_raw: msg.from_raw,
+        to: msg.to,
+        kind,
+        body: msg.body,
+        params: msg.params,
+        received_at: Utc::now(),
+    };
+    match app.writer.record(event).await? {
+        RecordOutcome::Recorded(_) => span.record("outcome", "accepted"),
+        RecordOutcome::Duplicate => span.record("outcome", "duplicate"),
+    };
+    Ok(twiml())
+}
+
+fn twiml() -> Response {
+    ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], EMPTY_TWIML).into_response()
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+}

@@ -1,0 +1,17 @@
+//! optout-relay: makes sure a person who texts STOP is never texted again by
+//! anyone in the organisation.
+//!
+//! The path of a webhook reads as the module list: `http` (router, handlers,
+//! error mapping) → `twilio` (signature, form, keywords) → `store` (events,
+//! state, delivery queue) → `relay` (workers, retry policy, ordering) →
+//! `sinks` (REDCap, …). `startup` builds the whole application in one place.
+
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod relay;
+pub mod sinks;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod twilio;

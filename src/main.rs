@@ -1,0 +1,116 @@
+//! The command line. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use optout_relay::config::Config;
+use optout_relay::startup::Application;
+use optout_relay::store::Store;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "optout-relay", version, about = "Relays Twilio opt-outs (STOP/START) to REDCap, durably")]
+struct Cli {
+    /// Config file (default: optout-relay.toml if present, else built-in defaults).
+    #[arg(long, global = true, env = "OPTOUT_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the webhook (and run the relay).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Validate the configuration and print every problem found.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration error:\n{e}");
+            return ExitCode::from(2);
+        }
+    };
+    optout_relay::telemetry::init(config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => serve(config).await,
+            Command::Migrate => migrate(config).await,
+            Command::CheckConfig => check_config(config).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let app = Application::build(config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_handler(shutdown.clone()));
+    app.run_until(shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
+    let store = Store::connect_lazy(&config.database)?;
+    store.migrate().await?;
+    tracing::info!(backend = store.backend(), "migrations applied");
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check_config(config: Config) -> anyhow::Result<ExitCode> {
+    let problems = config.problems();
+    if problems.is_empty() {
+        println!("configuration OK");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{} problem(s):", problems.len());
+    for p in &problems {
+        println!("  - {p}");
+    }
+    Ok(ExitCode::from(1))
+}
+
+/// SIGTERM (container stop) or SIGINT (Ctrl-C) cancel the token.
+async fn signal_handler(token: CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+    token.cancel();
+}

@@ -1,0 +1,1 @@
+//! The delivery engine: workers that claim due deliveries and apply them to sinks.

@@ -1,0 +1,3 @@
+//! Systems of record that learn about opt-outs.
+
+pub mod redcap;

@@ -1,0 +1,156 @@
+//! The one place that builds the application. `main` and the tests both go
+//! through [`Application::build`], so tests exercise what production runs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::domain::parse_region;
+use crate::http::{self, AppState, Inner};
+use crate::store::batch::BatchWriter;
+use crate::store::Store;
+use crate::twilio::keywords::Keywords;
+use crate::twilio::signature::Verifier;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    store: Store,
+    config: Config,
+    /// Notified when new deliveries were committed.
+    pub recorded: Arc<Notify>,
+}
+
+impl Application {
+    /// Validates the config, opens the store (lazily: a database that is still
+    /// starting makes `/readyz` fail, not the process), binds the listener.
+    pub async fn build(config: Config) -> Result<Application, StartError> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(StartError::Config(problems.join("; ")));
+        }
+        let store = Store::connect_lazy(&config.database)?;
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.server.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.server.listen, source })?;
+        Self::warn_about(&config, addr);
+
+        let recorded = Arc::new(Notify::new());
+        // PostgreSQL overlaps commits from two writers; SQLite has one write lock.
+        let writers = if store.backend() == "postgres" { 2 } else { 1 };
+        let writer = BatchWriter::spawn(store.clone(), config.sink_names(), writers, recorded.clone());
+        let twilio = &config.twilio;
+        let region = parse_region(&config.keywords.default_region)
+            .ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
+        let state = AppState::new(Inner {
+            store: store.clone(),
+            writer,
+            verifier: Verifier::new(twilio.auth_tokens.clone(), twilio.shared_keys.clone()),
+            validate_signatures: twilio.validate_signatures,
+            base_urls: config
+                .server
+                .public_url
+                .iter()
+                .chain(&config.server.alternate_public_urls)
+                .cloned()
+                .collect(),
+            keywords: Keywords::new(&config.keywords),
+            region,
+            mask_phones: config.log.mask_phones,
+        });
+        let router = http::router(state, config.server.max_body_bytes);
+        Ok(Application { listener, router, store, config, recorded })
+    }
+
+    fn warn_about(config: &Config, addr: SocketAddr) {
+        let t = &config.twilio;
+        if !t.validate_signatures {
+            tracing::warn!("twilio.validate_signatures = false: ANYONE can forge opt-outs and opt-ins. Never run this way in production.");
+        } else if t.auth_tokens.is_empty() && t.shared_keys.is_empty() {
+            tracing::warn!(
+                "no twilio.auth_tokens configured: every webhook will be refused with 403. \
+                 Set OPTOUT_RELAY__TWILIO__AUTH_TOKENS to your Auth Token."
+            );
+        }
+        if config.server.public_url.is_none() {
+            tracing::warn!("server.public_url is not set: signatures are checked against the request's Host header, which fails behind most proxies");
+        }
+        if config.sink_names().is_empty() {
+            tracing::warn!("no sink configured ([redcap]): events are recorded but relayed nowhere");
+        }
+        tracing::info!(%addr, store = config.database.url.expose_secret().split(':').next().unwrap_or(""), "listening");
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.server.listen)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets
+    /// requests in flight finish (bounded by `server.shutdown_grace`), and
+    /// closes the pool.
+    pub async fn run_until(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        if self.config.database.run_migrations_on_start {
+            spawn_migrations(self.store.clone(), shutdown.clone());
+        }
+        let grace = self.config.server.shutdown_grace;
+        let signal = shutdown.clone();
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move { signal.cancelled().await });
+        let bounded = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        let result = tokio::select! {
+            r = server => r,
+            () = bounded => {
+                tracing::warn!(?grace, "requests still in flight after the shutdown grace period; exiting anyway");
+                Ok(())
+            }
+        };
+        self.store.close().await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Applies migrations, retrying while the database is unreachable so a
+/// container can start before its database.
+fn spawn_migrations(store: Store, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match store.migrate().await {
+                Ok(()) => {
+                    tracing::info!(backend = store.backend(), "migrations applied");
+                    return;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot apply migrations yet; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    });
+}

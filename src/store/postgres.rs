@@ -1,0 +1,297 @@
+//! PostgreSQL backend: the production store.
+//!
+//! A batch of events is written with one `INSERT … SELECT FROM UNNEST(…)` per
+//! table, so a commit covers many webhooks for the price of one WAL flush.
+//! Claims use `FOR UPDATE SKIP LOCKED` so replicas never take the same row.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Row;
+
+use super::{dedupe, spread, ClaimedDelivery, DeliveryRow, NewEvent, Readiness, RecordOutcome, Settle, StoreError};
+use crate::domain::{EventKind, Phone};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub fn connect_lazy(url: &str, max: u32, acquire_timeout: Duration) -> Result<PgStore, StoreError> {
+        let opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Query(format!("bad database url: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(acquire_timeout)
+            .connect_lazy_with(opts);
+        Ok(PgStore { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Migrate(e.to_string()))
+    }
+
+    pub async fn readiness(&self) -> Readiness {
+        let database = sqlx::query("SELECT 1").execute(&self.pool).await.is_ok();
+        let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let migrations = database
+            && sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await
+                .is_ok_and(|v| v >= latest);
+        Readiness { database, migrations }
+    }
+
+    pub async fn record_events(&self, events: &[NewEvent], sinks: &[&str]) -> Result<Vec<RecordOutcome>, StoreError> {
+        let (unique, rep) = dedupe(events);
+        let mut tx = self.pool.begin().await?;
+
+        let pick = |f: &dyn Fn(&NewEvent) -> Option<String>| unique.iter().map(|&i| f(&events[i])).collect::<Vec<_>>();
+        let rows = sqlx::query(
+            "INSERT INTO events (message_sid, account_sid, messaging_service_sid, scope, phone, from_raw,
+                                 to_number, kind, body, params, received_at)
+             SELECT sid, acc, svc, scope, phone, raw, to_number, kind, body, params::jsonb, at
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
+                  AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at)
+             ORDER BY sid
+             ON CONFLICT (message_sid) DO NOTHING
+             RETURNING id, message_sid",
+        )
+        .bind(pick(&|e| Some(e.message_sid.as_str().to_owned())))
+        .bind(pick(&|e| e.account_sid.clone()))
+        .bind(pick(&|e| e.messaging_service_sid.clone()))
+        .bind(pick(&|e| Some(e.scope.clone())))
+        .bind(pick(&|e| Some(e.phone.as_str().to_owned())))
+        .bind(pick(&|e| Some(e.from_raw.clone())))
+        .bind(pick(&|e| e.to.clone()))
+        .bind(pick(&|e| Some(e.kind.as_str().to_owned())))
+        .bind(pick(&|e| Some(e.body.clone())))
+        .bind(pick(&|e| Some(e.params.to_string())))
+        .bind(unique.iter().map(|&i| events[i].received_at).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+
+        let index_of: HashMap<&str, usize> = unique.iter().map(|&i| (events[i].message_sid.as_str(), i)).collect();
+        let mut inserted: HashMap<usize, i64> = HashMap::new();
+        for row in rows {
+            let id: i64 = row.try_get(0)?;
+            let sid: String = row.try_get(1)?;
+            if let Some(&i) = index_of.get(sid.as_str()) {
+                inserted.insert(i, id);
+            }
+        }
+
+        // Newest event per (scope, phone) in this batch; sorted so concurrent
+        // batches lock state rows in the same order (no deadlock).
+        let mut newest: HashMap<(&str, &str), (i64, usize)> = HashMap::new();
+        for (&i, &id) in &inserted {
+            let e = &events[i];
+            if e.kind.changes_consent() {
+                let slot = newest.entry((e.scope.as_str(), e.phone.as_str())).or_insert((id, i));
+                if id > slot.0 {
+                    *slot = (id, i);
+                }
+            }
+        }
+        let mut state: Vec<_> = newest.into_iter().collect();
+        state.sort();
+        if !state.is_empty() {
+            sqlx::query(
+                "INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::int8[], $5::timestamptz[])
+                 ON CONFLICT (scope, phone) DO UPDATE
+                   SET opted_out = EXCLUDED.opted_out, event_id = EXCLUDED.event_id, changed_at = EXCLUDED.changed_at
+                   WHERE opt_out_state.event_id < EXCLUDED.event_id",
+            )
+            .bind(state.iter().map(|((s, _), _)| (*s).to_owned()).collect::<Vec<_>>())
+            .bind(state.iter().map(|((_, p), _)| (*p).to_owned()).collect::<Vec<_>>())
+            .bind(state.iter().map(|(_, (_, i))| events[*i].kind == EventKind::OptOut).collect::<Vec<_>>())
+            .bind(state.iter().map(|(_, (id, _))| *id).collect::<Vec<_>>())
+            .bind(state.iter().map(|(_, (_, i))| events[*i].received_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        let mut d_event = Vec::new();
+        let mut d_sink = Vec::new();
+        let mut d_phone = Vec::new();
+        let mut d_kind = Vec::new();
+        let mut ordered: Vec<(i64, usize)> = inserted.iter().map(|(&i, &id)| (id, i)).collect();
+        ordered.sort();
+        for (id, i) in ordered {
+            let e = &events[i];
+            if !e.kind.changes_consent() {
+                continue;
+            }
+            for sink in sinks {
+                d_event.push(id);
+                d_sink.push((*sink).to_owned());
+                d_phone.push(e.phone.as_str().to_owned());
+                d_kind.push(e.kind.as_str().to_owned());
+            }
+        }
+        if !d_event.is_empty() {
+            sqlx::query(
+                "INSERT INTO deliveries (event_id, sink, phone, kind, next_attempt_at, created_at, updated_at)
+                 SELECT e, s, p, k, $5, $5, $5 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[]) AS t(e, s, p, k)",
+            )
+            .bind(d_event)
+            .bind(d_sink)
+            .bind(d_phone)
+            .bind(d_kind)
+            .bind(Utc::now())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        tx.commit().await?;
+        Ok(spread(events.len(), &rep, &inserted))
+    }
+
+    pub async fn claim(
+        &self,
+        sink: &str,
+        owner: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE deliveries d
+                SET locked_until = $4, locked_by = $3, attempts = d.attempts + 1, updated_at = $5
+              WHERE d.id IN (
+                    SELECT c.id FROM deliveries c
+                     WHERE c.sink = $1 AND c.status = 'pending' AND c.next_attempt_at <= $5
+                       AND (c.locked_until IS NULL OR c.locked_until < $5)
+                       AND NOT EXISTS (SELECT 1 FROM deliveries o
+                                        WHERE o.sink = c.sink AND o.phone = c.phone
+                                          AND o.status = 'pending' AND o.id < c.id)
+                     ORDER BY c.id
+                     LIMIT $2
+                     FOR UPDATE SKIP LOCKED)
+              RETURNING d.id, d.event_id, d.phone, d.kind, d.attempts, d.created_at,
+                        (SELECT e.received_at FROM events e WHERE e.id = d.event_id) AS received_at,
+                        EXISTS (SELECT 1 FROM deliveries n
+                                 WHERE n.sink = d.sink AND n.phone = d.phone
+                                   AND n.status = 'done' AND n.id > d.id) AS superseded",
+        )
+        .bind(sink)
+        .bind(i64::from(limit))
+        .bind(owner)
+        .bind(until)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let kind: String = r.try_get("kind")?;
+            out.push(ClaimedDelivery {
+                id: r.try_get("id")?,
+                event_id: r.try_get("event_id")?,
+                phone: Phone::from_stored(r.try_get("phone")?),
+                kind: EventKind::parse(&kind).ok_or_else(|| StoreError::Query(format!("bad kind {kind}")))?,
+                attempts: r.try_get("attempts")?,
+                received_at: r.try_get("received_at")?,
+                created_at: r.try_get("created_at")?,
+                superseded: r.try_get("superseded")?,
+            });
+        }
+        out.sort_by_key(|d| d.id);
+        Ok(out)
+    }
+
+    pub async fn settle(&self, id: i64, owner: &str, how: &Settle, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let q = match how {
+            Settle::Done(result) => sqlx::query(
+                "UPDATE deliveries SET status = 'done', result = $3::jsonb, completed_at = $4, updated_at = $4,
+                        locked_until = NULL, locked_by = NULL, last_error = NULL
+                  WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(owner)
+            .bind(result.to_string())
+            .bind(now),
+            Settle::Retry { at, error } => sqlx::query(
+                "UPDATE deliveries SET next_attempt_at = $3, last_error = $4, updated_at = $5,
+                        locked_until = NULL, locked_by = NULL
+                  WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(owner)
+            .bind(*at)
+            .bind(error.as_str())
+            .bind(now),
+            Settle::Dead(error) => sqlx::query(
+                "UPDATE deliveries SET status = 'dead', last_error = $3, completed_at = $4, updated_at = $4,
+                        locked_until = NULL, locked_by = NULL
+                  WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(owner)
+            .bind(error.as_str())
+            .bind(now),
+        };
+        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    pub async fn replay_dead(&self, sink: Option<&str>, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, completed_at = NULL,
+                    updated_at = $2, locked_until = NULL, locked_by = NULL
+              WHERE status = 'dead' AND ($1::text IS NULL OR sink = $1)",
+        )
+        .bind(sink)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn deliveries(&self, status: Option<&str>, limit: i64) -> Result<Vec<DeliveryRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, sink, phone, kind, status, attempts, last_error, result
+               FROM deliveries WHERE ($1::text IS NULL OR status = $1) ORDER BY id LIMIT $2",
+        )
+        .bind(status)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeliveryRow {
+                    id: r.try_get("id")?,
+                    event_id: r.try_get("event_id")?,
+                    sink: r.try_get("sink")?,
+                    phone: r.try_get("phone")?,
+                    kind: r.try_get("kind")?,
+                    status: r.try_get("status")?,
+                    attempts: r.try_get("attempts")?,
+                    last_error: r.try_get("last_error")?,
+                    result: r.try_get("result")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn event_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(&self.pool).await?)
+    }
+
+    pub async fn opted_out(&self, scope: &str, phone: &Phone) -> Result<Option<bool>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT opted_out FROM opt_out_state WHERE scope = $1 AND phone = $2")
+            .bind(scope)
+            .bind(phone.as_str())
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
