@@ -15,3 +15,10 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod twilio;
+
+/// reqwest is built with rustls but without a default crypto provider (ring
+/// instead of aws-lc: no C build, smaller binary), so one is installed before
+/// any client is built. Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

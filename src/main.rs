@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         }
     };
     optout_relay::telemetry::init(config.log.format);
+    optout_relay::install_tls_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
