@@ -1,6 +1,8 @@
 //! The command line. Everything else lives in the library.
 
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
+use std::time::Duration;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -25,8 +27,19 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
-    /// Validate the configuration and print every problem found.
+    /// Validate the configuration and print every problem found (and check REDCap when configured).
     CheckConfig,
+    /// Re-queue dead-lettered deliveries.
+    Replay {
+        /// Replay every dead delivery (the only mode for now).
+        #[arg(long)]
+        dead: bool,
+        /// Only this sink (e.g. redcap).
+        #[arg(long)]
+        sink: Option<String>,
+    },
+    /// Probe /readyz at the configured listen address; exit 0 only on 200 (container HEALTHCHECK).
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +65,8 @@ fn main() -> ExitCode {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
             Command::CheckConfig => check_config(config).await,
+            Command::Replay { dead, sink } => replay(config, dead, sink).await,
+            Command::Healthcheck => healthcheck(config).await,
         }
     });
     match result {
@@ -90,6 +105,38 @@ async fn check_config(config: Config) -> anyhow::Result<ExitCode> {
         println!("  - {p}");
     }
     Ok(ExitCode::from(1))
+}
+
+async fn replay(config: Config, dead: bool, sink: Option<String>) -> anyhow::Result<ExitCode> {
+    if !dead {
+        eprintln!("nothing to do: pass --dead to re-queue dead-lettered deliveries");
+        return Ok(ExitCode::from(2));
+    }
+    let store = Store::connect_lazy(&config.database)?;
+    let n = store.replay_dead(sink.as_deref()).await?;
+    store.close().await;
+    println!("re-queued {n} dead deliveries");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn healthcheck(config: Config) -> anyhow::Result<ExitCode> {
+    let mut addr = config.server.listen;
+    // A wildcard listen address is reached through loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
+    }
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
+    match client.get(format!("http://{addr}/readyz")).send().await {
+        Ok(res) if res.status().is_success() => Ok(ExitCode::SUCCESS),
+        Ok(res) => {
+            eprintln!("not ready: {} {}", res.status(), res.text().await.unwrap_or_default());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("cannot reach http://{addr}/readyz: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// SIGTERM (container stop) or SIGINT (Ctrl-C) cancel the token.

@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::domain::parse_region;
 use crate::http::{self, AppState, Inner};
+use crate::relay;
+use crate::sinks::redcap::RedcapSink;
+use crate::sinks::Sink;
 use crate::store::batch::BatchWriter;
 use crate::store::Store;
 use crate::twilio::keywords::Keywords;
@@ -33,8 +36,9 @@ pub struct Application {
     router: axum::Router,
     store: Store,
     config: Config,
-    /// Notified when new deliveries were committed.
-    pub recorded: Arc<Notify>,
+    sinks: Vec<Arc<Sink>>,
+    /// Notified when new deliveries were committed: wakes the relay.
+    recorded: Arc<Notify>,
 }
 
 impl Application {
@@ -76,7 +80,8 @@ impl Application {
             mask_phones: config.log.mask_phones,
         });
         let router = http::router(state, config.server.max_body_bytes);
-        Ok(Application { listener, router, store, config, recorded })
+        let sinks = build_sinks(&config, region)?;
+        Ok(Application { listener, router, store, config, sinks, recorded })
     }
 
     fn warn_about(config: &Config, addr: SocketAddr) {
@@ -113,6 +118,13 @@ impl Application {
         if self.config.database.run_migrations_on_start {
             spawn_migrations(self.store.clone(), shutdown.clone());
         }
+        let workers = relay::spawn(
+            self.store.clone(),
+            self.sinks.clone(),
+            self.config.relay.clone(),
+            self.recorded.clone(),
+            shutdown.clone(),
+        );
         let grace = self.config.server.shutdown_grace;
         let signal = shutdown.clone();
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move { signal.cancelled().await });
@@ -127,10 +139,24 @@ impl Application {
                 Ok(())
             }
         };
+        // Workers finish the batch in hand; a lease they cannot settle expires
+        // and the delivery is retried, so a bounded wait loses nothing.
+        let _ = tokio::time::timeout(grace, futures_util::future::join_all(workers)).await;
         self.store.close().await;
         tracing::info!("stopped");
         result
     }
+}
+
+/// One sink per configured section; ingest queues a delivery for each.
+pub fn build_sinks(config: &Config, region: phonenumber::country::Id) -> Result<Vec<Arc<Sink>>, StartError> {
+    let mut sinks = Vec::new();
+    if let Some(cfg) = &config.redcap {
+        crate::install_tls_provider();
+        let sink = RedcapSink::new(cfg, region).map_err(|e| StartError::Config(format!("redcap: {e}")))?;
+        sinks.push(Arc::new(Sink::Redcap(sink)));
+    }
+    Ok(sinks)
 }
 
 /// Applies migrations, retrying while the database is unreachable so a

@@ -1,1 +1,143 @@
-//! The delivery engine: workers that claim due deliveries and apply them to sinks.
+//! The delivery engine: workers that claim due deliveries under a lease and
+//! apply them to a sink, with no transaction open during the sink call.
+//!
+//! Order per (sink, phone) is kept by the claim itself: only a phone's oldest
+//! pending delivery can be claimed, so a START waits for the STOP before it.
+//! A delivery whose phone already has a newer *done* delivery (a STOP
+//! replayed from the dead letters after a START landed) is settled as
+//! superseded without touching the sink.
+
+pub mod retry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::sinks::{DeliveryItem, Sink, SinkError};
+use crate::store::{ClaimedDelivery, Settle, Store};
+
+/// Starts `policy.workers` workers per sink. They stop after the batch in
+/// hand once `shutdown` is cancelled (a lease they cannot settle expires and
+/// the work is retried elsewhere).
+pub fn spawn(
+    store: Store,
+    sinks: Vec<Arc<Sink>>,
+    policy: RelayConfig,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let instance = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let mut handles = Vec::new();
+    for sink in sinks {
+        for n in 0..policy.workers {
+            let worker = Worker {
+                store: store.clone(),
+                sink: sink.clone(),
+                policy: policy.clone(),
+                owner: format!("{instance}-{}-{n}", sink.name()),
+            };
+            handles.push(tokio::spawn(worker.run(wake.clone(), shutdown.clone())));
+        }
+    }
+    handles
+}
+
+struct Worker {
+    store: Store,
+    sink: Arc<Sink>,
+    policy: RelayConfig,
+    owner: String,
+}
+
+impl Worker {
+    async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        tracing::debug!(owner = %self.owner, "relay worker started");
+        let mut store_backoff = self.policy.poll_interval;
+        while !shutdown.is_cancelled() {
+            let idle = match self.store.claim(self.sink.name(), &self.owner, self.policy.batch_size, self.policy.lease).await {
+                Ok(batch) if batch.is_empty() => self.policy.poll_interval,
+                Ok(batch) => {
+                    store_backoff = self.policy.poll_interval;
+                    self.deliver(batch).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, sink = self.sink.name(), "cannot claim deliveries");
+                    store_backoff = (store_backoff * 2).min(Duration::from_secs(30));
+                    store_backoff
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = wake.notified() => {},
+                () = tokio::time::sleep(idle) => {},
+            }
+        }
+        tracing::debug!(owner = %self.owner, "relay worker stopped");
+    }
+
+    async fn deliver(&self, batch: Vec<ClaimedDelivery>) {
+        let (superseded, due): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.superseded);
+        for d in &superseded {
+            let result = json!({ "superseded": true, "note": "a newer change for this phone was already delivered" });
+            self.settle(d, Settle::Done(result)).await;
+        }
+        if due.is_empty() {
+            return;
+        }
+        let items: Vec<DeliveryItem> = due
+            .iter()
+            .map(|d| DeliveryItem { id: d.id, phone: d.phone.clone(), kind: d.kind, received_at: d.received_at })
+            .collect();
+        let started = std::time::Instant::now();
+        match self.sink.apply(&items).await {
+            Ok(results) => {
+                tracing::info!(
+                    sink = self.sink.name(),
+                    deliveries = items.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "delivered"
+                );
+                for (d, result) in due.iter().zip(results) {
+                    self.settle(d, Settle::Done(result)).await;
+                }
+            }
+            Err(error) => {
+                match &error {
+                    SinkError::Misconfigured(_) => tracing::error!(
+                        sink = self.sink.name(),
+                        deliveries = items.len(),
+                        %error,
+                        "sink refuses our requests: fix the configuration; deliveries are kept and retried slowly"
+                    ),
+                    SinkError::Transient { .. } => {
+                        tracing::warn!(sink = self.sink.name(), deliveries = items.len(), %error, "delivery failed; will retry")
+                    }
+                }
+                let now = Utc::now();
+                for d in &due {
+                    let how = retry::after_failure(&self.policy, d.attempts, d.created_at, now, &error, rand::random::<f64>());
+                    if let Settle::Dead(reason) = &how {
+                        tracing::error!(delivery = d.id, sink = self.sink.name(), %reason, "delivery dead-lettered; replay with `optout-relay replay --dead`");
+                    }
+                    self.settle(d, how).await;
+                }
+            }
+        }
+    }
+
+    async fn settle(&self, d: &ClaimedDelivery, how: Settle) {
+        match self.store.settle(d.id, &self.owner, &how).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(delivery = d.id, "lease lost before settling; another worker owns it now"),
+            // The lease will expire and the delivery be retried: nothing is lost.
+            Err(e) => tracing::error!(delivery = d.id, error = %e, "cannot record the delivery's outcome; it will be retried"),
+        }
+    }
+}

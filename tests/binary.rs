@@ -1,0 +1,152 @@
+//! The release command line, run the way the container runs it: configured
+//! only by environment variables, stopped with SIGTERM.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{encode, stop_params, PUBLIC_URL, TOKEN};
+use optout_relay::twilio::signature::compute;
+
+const BIN: &str = env!("CARGO_BIN_EXE_optout-relay");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn command(dir: &std::path::Path, port: u16) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OPTOUT_RELAY__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("OPTOUT_RELAY__SERVER__PUBLIC_URL", PUBLIC_URL)
+        .env("OPTOUT_RELAY__TWILIO__AUTH_TOKENS", TOKEN)
+        .env("OPTOUT_RELAY__LOG__FORMAT", "json")
+        .env("RUST_LOG", "debug,hyper=info,sqlx=warn,reqwest=info");
+    c
+}
+
+fn wait_healthy(dir: &std::path::Path, port: u16, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = command(dir, port).arg("healthcheck").stderr(Stdio::null()).status().unwrap().success();
+        if ok {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "server exited early");
+        assert!(Instant::now() < deadline, "server never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn serve_on_the_embedded_default_answers_then_stops_cleanly_on_sigterm() {
+    optout_relay::install_tls_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = command(dir.path(), port).arg("serve").stderr(Stdio::piped()).spawn().unwrap();
+    wait_healthy(dir.path(), port, &mut child);
+
+    // A signed STOP over real HTTP to the real binary.
+    let params = stop_params("SMbin1", "+14155550101", "STOP", Some("STOP"));
+    let sig = compute(TOKEN, &format!("{PUBLIC_URL}/twilio/messages"), &params);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/twilio/messages"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", sig)
+            .body(encode(&params))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+    assert!(dir.path().join("optout-relay.db").exists(), "the default SQLite file is created in the working directory");
+
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+
+    let mut logs = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    assert!(logs.contains("+1415***0101"), "phone masked in the request log:\n{logs}");
+    assert!(!logs.contains("+14155550101"), "full phone number leaked into logs");
+    assert!(!logs.contains(TOKEN), "auth token leaked into logs");
+    assert!(logs.contains("\"outcome\":\"accepted\""), "one line per request with its outcome:\n{logs}");
+    assert!(logs.contains("request_id"), "request id logged");
+    assert!(logs.contains("latency_ms"), "latency logged");
+}
+
+#[test]
+fn healthcheck_fails_when_nothing_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = command(dir.path(), free_port()).arg("healthcheck").stderr(Stdio::null()).status().unwrap();
+    assert!(!status.success());
+}
+
+#[test]
+fn serve_without_a_token_starts_but_warns_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = command(dir.path(), port)
+        .env_remove("OPTOUT_RELAY__TWILIO__AUTH_TOKENS")
+        .arg("serve")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_healthy(dir.path(), port, &mut child);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut logs = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    assert!(logs.contains("every webhook will be refused"), "{logs}");
+}
+
+#[test]
+fn check_config_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[server]\npublic_url = \"ftp://x\"\n[database]\nurl = \"mysql://x\"\n[keywords]\ndefault_region = \"ZZZ\"\n[relay]\nworkers = 0\n",
+    )
+    .unwrap();
+    let out = command(dir.path(), free_port())
+        .env_remove("OPTOUT_RELAY__SERVER__PUBLIC_URL")
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in ["server.public_url", "database.url", "keywords.default_region", "relay.workers"] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    // A typo in a key is refused, not ignored.
+    std::fs::write(&file, "[server]\nlisten_addr = \"127.0.0.1:1\"\n").unwrap();
+    let out = command(dir.path(), free_port()).args(["check-config", "--config"]).arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen_addr"));
+}
+
+#[test]
+fn migrate_creates_the_schema_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let status = command(dir.path(), free_port()).arg("migrate").status().unwrap();
+        assert!(status.success());
+    }
+    assert!(dir.path().join("optout-relay.db").exists());
+}
