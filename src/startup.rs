@@ -56,6 +56,7 @@ impl Application {
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.server.listen, source })?;
         Self::warn_about(&config, addr);
 
+        crate::metrics::handle();
         let recorded = Arc::new(Notify::new());
         // PostgreSQL overlaps commits from two writers; SQLite has one write lock.
         let writers = if store.backend() == "postgres" { 2 } else { 1 };
@@ -78,6 +79,7 @@ impl Application {
             keywords: Keywords::new(&config.keywords),
             region,
             mask_phones: config.log.mask_phones,
+            sinks: config.sink_names(),
         });
         let router = http::router(state, config.server.max_body_bytes);
         let sinks = build_sinks(&config, region)?;

@@ -350,6 +350,35 @@ async fn readyz_fails_until_migrations_are_applied(b: Backend) {
     app.stop().await;
 }
 
+async fn metrics_count_outcomes_and_report_the_queue(b: Backend) {
+    let app = spawn_app_with(b, |c| {
+        with_sink(c);
+        // Keep the delivery pending: the sink points nowhere and retries late.
+        c.relay.retry_base = std::time::Duration::from_secs(600);
+        c.relay.retry_cap = std::time::Duration::from_secs(600);
+    })
+    .await;
+    app.post_signed(&stop_params("SMmet1", "+14155551401", "STOP", Some("STOP")), TOKEN).await;
+    app.post_signed(&stop_params("SMmet2", "+14155551402", "hello", None), TOKEN).await;
+    app.post_signed(&stop_params("SMmet3", "+14155551403", "STOP", Some("STOP")), "wrong").await;
+    let res = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    for needle in [
+        "optout_webhooks_total{outcome=\"accepted\"}",
+        "optout_webhooks_total{outcome=\"ignored\"}",
+        "optout_webhooks_total{outcome=\"bad_signature\"}",
+        "optout_events_total{kind=\"opt_out\"}",
+        "optout_webhook_duration_seconds_bucket",
+        "optout_pending_deliveries{sink=\"redcap\"} 1",
+        "optout_oldest_pending_delivery_age_seconds{sink=\"redcap\"}",
+        "optout_dead_deliveries{sink=\"redcap\"} 0",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+    app.stop().await;
+}
+
 /// Configures a REDCap sink (pointing nowhere useful) so ingest queues deliveries.
 fn with_sink(c: &mut optout_relay::config::Config) {
     c.redcap = Some(toml_redcap("http://127.0.0.1:9/api/"));
@@ -394,4 +423,5 @@ both_backends!(
     a_failing_commit_answers_503_and_leaves_nothing_half_written,
     readyz_reports_each_check,
     readyz_fails_until_migrations_are_applied,
+    metrics_count_outcomes_and_report_the_queue,
 );

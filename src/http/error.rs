@@ -55,7 +55,6 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        tracing::Span::current().record("outcome", self.outcome());
         match &self {
             ApiError::Unavailable(e) => tracing::error!(error = %e, "event not committed; answering 503"),
             other => tracing::warn!(reason = %other, "request refused"),

@@ -37,6 +37,8 @@ pub struct Inner {
     pub keywords: Keywords,
     pub region: country::Id,
     pub mask_phones: bool,
+    /// Configured sink names, for the queue gauges.
+    pub sinks: Vec<&'static str>,
 }
 
 impl std::ops::Deref for AppState {
@@ -109,6 +111,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/twilio/messages", post(webhook::inbound))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
         .layer(CatchPanicLayer::new())

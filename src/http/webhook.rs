@@ -12,6 +12,7 @@ use chrono::Utc;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::metrics;
 use crate::store::{NewEvent, RecordOutcome};
 use crate::twilio::signature::SignedBody;
 use crate::twilio::webhook::{decode_form, parse_inbound};
@@ -20,24 +21,63 @@ use crate::twilio::webhook::{decode_form, parse_inbound};
 /// would be one text too many, so the TwiML is empty.
 const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>";
 
+/// What a request that was answered 200 amounted to.
+#[derive(Clone, Copy)]
+enum Accepted {
+    Recorded,
+    Duplicate,
+    Ignored,
+}
+
+impl Accepted {
+    fn outcome(self) -> &'static str {
+        match self {
+            Accepted::Recorded => "accepted",
+            Accepted::Duplicate => "duplicate",
+            Accepted::Ignored => "ignored",
+        }
+    }
+}
+
 pub async fn inbound(
     State(app): State<AppState>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+) -> Response {
+    let started = std::time::Instant::now();
+    let result = handle(&app, &uri, &headers, body).await;
+    let outcome = match &result {
+        Ok(a) => a.outcome(),
+        Err(e) => e.outcome(),
+    };
+    tracing::Span::current().record("outcome", outcome);
+    metrics::webhook(outcome);
+    metrics::webhook_latency(started.elapsed().as_secs_f64());
+    match result {
+        Ok(_) => twiml(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(
+    app: &AppState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Accepted, ApiError> {
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         _ => ApiError::BadRequest("unreadable body".into()),
     })?;
-    if !is_form(&headers) {
+    if !is_form(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
     let pairs = decode_form(&body);
 
     if app.validate_signatures {
         let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-        let urls = app.signed_urls(path_and_query, &headers);
+        let urls = app.signed_urls(path_and_query, headers);
         let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         app.verifier.verify(
             &urls,
@@ -52,8 +92,7 @@ pub async fn inbound(
     span.record("phone", tracing::field::display(app.show_phone(&msg.from)));
 
     let Some(kind) = app.keywords.classify(msg.opt_out_type.as_deref(), &msg.body) else {
-        span.record("outcome", "ignored");
-        return Ok(twiml());
+        return Ok(Accepted::Ignored);
     };
     span.record("kind", kind.as_str());
 
@@ -71,10 +110,12 @@ pub async fn inbound(
         received_at: Utc::now(),
     };
     match app.writer.record(event).await? {
-        RecordOutcome::Recorded(_) => span.record("outcome", "accepted"),
-        RecordOutcome::Duplicate => span.record("outcome", "duplicate"),
-    };
-    Ok(twiml())
+        RecordOutcome::Recorded(_) => {
+            metrics::event(kind.as_str());
+            Ok(Accepted::Recorded)
+        }
+        RecordOutcome::Duplicate => Ok(Accepted::Duplicate),
+    }
 }
 
 fn twiml() -> Response {

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
+use crate::metrics;
 use crate::sinks::{DeliveryItem, Sink, SinkError};
 use crate::store::{ClaimedDelivery, Settle, Store};
 
@@ -84,6 +85,8 @@ impl Worker {
 
     async fn deliver(&self, batch: Vec<ClaimedDelivery>) {
         let (superseded, due): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.superseded);
+        metrics::attempts(self.sink.name(), (superseded.len() + due.len()) as u64);
+        metrics::delivery(self.sink.name(), "superseded", superseded.len() as u64);
         for d in &superseded {
             let result = json!({ "superseded": true, "note": "a newer change for this phone was already delivered" });
             self.settle(d, Settle::Done(result)).await;
@@ -104,6 +107,7 @@ impl Worker {
                     ms = started.elapsed().as_millis() as u64,
                     "delivered"
                 );
+                metrics::delivery(self.sink.name(), "done", due.len() as u64);
                 for (d, result) in due.iter().zip(results) {
                     self.settle(d, Settle::Done(result)).await;
                 }
@@ -123,6 +127,7 @@ impl Worker {
                 let now = Utc::now();
                 for d in &due {
                     let how = retry::after_failure(&self.policy, d.attempts, d.created_at, now, &error, rand::random::<f64>());
+                    metrics::delivery(self.sink.name(), if matches!(how, Settle::Dead(_)) { "dead" } else { "retry" }, 1);
                     if let Settle::Dead(reason) = &how {
                         tracing::error!(delivery = d.id, sink = self.sink.name(), %reason, "delivery dead-lettered; replay with `optout-relay replay --dead`");
                     }

@@ -107,6 +107,15 @@ pub struct DeliveryRow {
     pub result: Option<Value>,
 }
 
+/// The queue of one sink, for metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStats {
+    pub sink: String,
+    pub pending: i64,
+    pub oldest_pending: Option<DateTime<Utc>>,
+    pub dead: i64,
+}
+
 /// Readiness of the store, for `/readyz`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Readiness {
@@ -200,7 +209,15 @@ impl Store {
         }
     }
 
-    /// Number of events with this MessageSid (0 or 1): for tests and checks.
+    /// Per sink: pending deliveries, creation time of the oldest pending one, dead ones.
+    pub async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.queue_stats().await,
+            Store::Sqlite(s) => s.queue_stats().await,
+        }
+    }
+
+    /// Number of recorded events (operators' checks, tests).
     pub async fn event_count(&self) -> Result<i64, StoreError> {
         match self {
             Store::Postgres(s) => s.event_count().await,

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
-use super::{dedupe, spread, ClaimedDelivery, DeliveryRow, NewEvent, Readiness, RecordOutcome, Settle, StoreError};
+use super::{dedupe, spread, ClaimedDelivery, DeliveryRow, NewEvent, QueueStats, Readiness, RecordOutcome, Settle, StoreError};
 use crate::domain::{EventKind, Phone};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -274,6 +274,28 @@ impl PgStore {
                     attempts: r.try_get("attempts")?,
                     last_error: r.try_get("last_error")?,
                     result: r.try_get("result")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT sink,
+                    COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+                    MIN(created_at) FILTER (WHERE status = 'pending') AS oldest,
+                    COUNT(*) FILTER (WHERE status = 'dead') AS dead
+               FROM deliveries WHERE status IN ('pending', 'dead') GROUP BY sink",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(QueueStats {
+                    sink: r.try_get("sink")?,
+                    pending: r.try_get("pending")?,
+                    oldest_pending: r.try_get("oldest")?,
+                    dead: r.try_get("dead")?,
                 })
             })
             .collect()

@@ -13,7 +13,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Row;
 
-use super::{dedupe, spread, ClaimedDelivery, DeliveryRow, NewEvent, Readiness, RecordOutcome, Settle, StoreError};
+use super::{dedupe, spread, ClaimedDelivery, DeliveryRow, NewEvent, QueueStats, Readiness, RecordOutcome, Settle, StoreError};
 use crate::domain::{EventKind, Phone};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -248,6 +248,29 @@ impl SqliteStore {
                     attempts: r.try_get("attempts")?,
                     last_error: r.try_get("last_error")?,
                     result: result.and_then(|s| serde_json::from_str(&s).ok()),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT sink,
+                    SUM(status = 'pending') AS pending,
+                    MIN(CASE WHEN status = 'pending' THEN created_at END) AS oldest,
+                    SUM(status = 'dead') AS dead
+               FROM deliveries WHERE status IN ('pending', 'dead') GROUP BY sink",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let oldest: Option<i64> = r.try_get("oldest")?;
+                Ok(QueueStats {
+                    sink: r.try_get("sink")?,
+                    pending: r.try_get("pending")?,
+                    oldest_pending: oldest.map(from_ms),
+                    dead: r.try_get("dead")?,
                 })
             })
             .collect()

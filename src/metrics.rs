@@ -1,0 +1,76 @@
+//! Prometheus metrics. Call sites use the `metrics` facade; this module
+//! installs the recorder once per process and renders `GET /metrics`.
+//!
+//! Queue gauges (pending deliveries, age of the oldest pending one, dead
+//! letters) are read from the store at scrape time, so they are exact and
+//! every replica reports the shared queue.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Seconds: webhook handling is milliseconds, REDCap calls up to the timeout.
+const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Installs the global recorder (first call) and returns its handle. `None`
+/// if another recorder was installed first (then metrics are not rendered).
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS).ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("optout_webhooks_total", "Webhooks answered, by outcome");
+    describe_counter!("optout_events_total", "Events recorded, by kind");
+    describe_counter!("optout_deliveries_total", "Deliveries finished or retried, by sink and outcome");
+    describe_counter!("optout_delivery_attempts_total", "Delivery attempts made, by sink");
+    describe_gauge!("optout_pending_deliveries", "Deliveries waiting, by sink");
+    describe_gauge!(
+        "optout_oldest_pending_delivery_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest pending delivery, by sink: the FCC's 10-business-day clock"
+    );
+    describe_gauge!("optout_dead_deliveries", "Dead-lettered deliveries awaiting an operator, by sink");
+    describe_histogram!("optout_webhook_duration_seconds", Unit::Seconds, "Webhook handling time");
+    describe_histogram!("optout_sink_call_duration_seconds", Unit::Seconds, "Calls to a sink's API, by sink and call");
+}
+
+pub fn webhook(outcome: &'static str) {
+    metrics::counter!("optout_webhooks_total", "outcome" => outcome).increment(1);
+}
+
+pub fn event(kind: &'static str) {
+    metrics::counter!("optout_events_total", "kind" => kind).increment(1);
+}
+
+pub fn delivery(sink: &'static str, outcome: &'static str, n: u64) {
+    metrics::counter!("optout_deliveries_total", "sink" => sink, "outcome" => outcome).increment(n);
+}
+
+pub fn attempts(sink: &'static str, n: u64) {
+    metrics::counter!("optout_delivery_attempts_total", "sink" => sink).increment(n);
+}
+
+pub fn sink_call(sink: &'static str, call: &'static str, seconds: f64) {
+    metrics::histogram!("optout_sink_call_duration_seconds", "sink" => sink, "call" => call).record(seconds);
+}
+
+pub fn webhook_latency(seconds: f64) {
+    metrics::histogram!("optout_webhook_duration_seconds").record(seconds);
+}
+
+pub fn queue(sink: &str, pending: i64, oldest_age_seconds: f64, dead: i64) {
+    let sink = sink.to_owned();
+    metrics::gauge!("optout_pending_deliveries", "sink" => sink.clone()).set(pending as f64);
+    metrics::gauge!("optout_oldest_pending_delivery_age_seconds", "sink" => sink.clone()).set(oldest_age_seconds);
+    metrics::gauge!("optout_dead_deliveries", "sink" => sink).set(dead as f64);
+}
