@@ -44,20 +44,32 @@ impl BatchWriter {
                             return; // every sender dropped: shutting down
                         }
                     }
-                    let events: Vec<NewEvent> = jobs.iter().map(|j| j.event.clone()).collect();
-                    let result = store.record_events(&events, &sinks).await;
-                    match result {
+                    let (events, replies): (Vec<NewEvent>, Vec<_>) = jobs.drain(..).map(|j| (j.event, j.reply)).unzip();
+                    match store.record_events(&events, &sinks).await {
                         Ok(outcomes) => {
                             if outcomes.iter().any(|o| matches!(o, RecordOutcome::Recorded(_))) && !sinks.is_empty() {
                                 recorded.notify_waiters();
                             }
-                            for (job, outcome) in jobs.drain(..).zip(outcomes) {
-                                let _ = job.reply.send(Ok(outcome));
+                            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                                let _ = reply.send(Ok(outcome));
+                            }
+                        }
+                        // One event the database refuses (or a deadlock between the
+                        // two writers) must not fail its neighbours: record each alone.
+                        Err(StoreError::Query(e)) if events.len() > 1 => {
+                            tracing::warn!(error = %e, batch = events.len(), "batch refused; recording its events one by one");
+                            for (event, reply) in events.iter().zip(replies) {
+                                let one = store.record_events(std::slice::from_ref(event), &sinks).await;
+                                let one = one.and_then(|mut o| o.pop().ok_or_else(|| StoreError::Query("no outcome".into())));
+                                let _ = reply.send(one);
+                            }
+                            if !sinks.is_empty() {
+                                recorded.notify_waiters();
                             }
                         }
                         Err(e) => {
-                            for job in jobs.drain(..) {
-                                let _ = job.reply.send(Err(e.clone()));
+                            for reply in replies {
+                                let _ = reply.send(Err(e.clone()));
                             }
                         }
                     }
