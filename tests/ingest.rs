@@ -330,6 +330,42 @@ async fn a_failing_commit_answers_503_and_leaves_nothing_half_written(b: Backend
     app.stop().await;
 }
 
+async fn one_refused_event_does_not_fail_its_batch_neighbours(b: Backend) {
+    let app = spawn_app(b).await;
+    let poison: &[&str] = match b {
+        Backend::Postgres => &[
+            "CREATE FUNCTION poison() RETURNS trigger AS $$ BEGIN IF NEW.phone = '+14155559999' THEN RAISE EXCEPTION 'poison'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison()",
+        ],
+        Backend::Sqlite => &["CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.phone = '+14155559999' BEGIN SELECT RAISE(ABORT, 'poison'); END"],
+    };
+    exec(&app.db_url, poison).await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let from = if i == 15 { "+14155559999".to_owned() } else { format!("+1415555{:04}", 2000 + i) };
+        let params = stop_params(&format!("SMpz{i}"), &from, "STOP", Some("STOP"));
+        let sig = compute(TOKEN, &format!("{PUBLIC_URL}/twilio/messages"), &params);
+        let (client, url) = (app.client.clone(), app.url("/twilio/messages"));
+        tasks.push(tokio::spawn(async move {
+            let res = client
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-twilio-signature", sig)
+                .body(encode(&params))
+                .send()
+                .await
+                .unwrap();
+            (i, res.status().as_u16())
+        }));
+    }
+    for t in tasks {
+        let (i, status) = t.await.unwrap();
+        assert_eq!(status, if i == 15 { 503 } else { 200 }, "request {i}");
+    }
+    assert_eq!(app.store.event_count().await.unwrap(), 29);
+    app.stop().await;
+}
+
 async fn readyz_reports_each_check(b: Backend) {
     let app = spawn_app(b).await;
     let res = app.client.get(app.url("/readyz")).send().await.unwrap();
@@ -422,6 +458,7 @@ both_backends!(
     store_down_answers_503_and_records_nothing,
     a_failing_commit_answers_503_and_leaves_nothing_half_written,
     readyz_reports_each_check,
+    one_refused_event_does_not_fail_its_batch_neighbours,
     readyz_fails_until_migrations_are_applied,
     metrics_count_outcomes_and_report_the_queue,
 );
