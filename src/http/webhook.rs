@@ -108,6 +108,7 @@ async fn handle(
         body: msg.body,
         params: msg.params,
         received_at: Utc::now(),
+        source: "twilio".to_owned(),
     };
     match app.writer.record(event).await? {
         RecordOutcome::Recorded(_) => {

@@ -36,6 +36,8 @@ pub struct NewEvent {
     pub body: String,
     pub params: Value,
     pub received_at: DateTime<Utc>,
+    /// `twilio` for webhooks; `staff:<who>` for revocations recorded by hand.
+    pub source: String,
 }
 
 /// What recording one event did.
@@ -104,7 +106,64 @@ pub struct DeliveryRow {
     pub status: String,
     pub attempts: i32,
     pub last_error: Option<String>,
+    /// What the sink changed (e.g. REDCap record ids), once done.
     pub result: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// An event as an operator sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub id: i64,
+    pub message_sid: String,
+    pub scope: String,
+    pub phone: String,
+    pub kind: String,
+    pub body: String,
+    pub source: String,
+    pub received_at: DateTime<Utc>,
+}
+
+/// The current opt-out state of a phone in one scope.
+#[derive(Debug, Clone, Serialize)]
+pub struct StateRow {
+    pub scope: String,
+    pub phone: String,
+    pub opted_out: bool,
+    /// When the event that set this state arrived.
+    pub since: DateTime<Utc>,
+    pub event_id: i64,
+}
+
+/// Filters for listing events; `after_id` pages (ids ascending).
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub phone: Option<String>,
+    pub kind: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub after_id: Option<i64>,
+    pub limit: i64,
+}
+
+/// Filters for listing deliveries; `after_id` pages (ids ascending).
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub status: Option<String>,
+    pub sink: Option<String>,
+    pub phone: Option<String>,
+    pub after_id: Option<i64>,
+    pub limit: i64,
+}
+
+/// What asking to retry one delivery did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    Requeued,
+    NotFound,
+    /// Done deliveries are not re-sent; a leased one is in a worker's hands.
+    NotRetryable,
 }
 
 /// The queue of one sink, for metrics.
@@ -203,9 +262,37 @@ impl Store {
 
     /// Deliveries in a status, oldest first (operators, tests).
     pub async fn deliveries(&self, status: Option<&str>, limit: i64) -> Result<Vec<DeliveryRow>, StoreError> {
+        let filter = DeliveryFilter { status: status.map(str::to_owned), limit, ..DeliveryFilter::default() };
+        self.list_deliveries(&filter).await
+    }
+
+    pub async fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError> {
         match self {
-            Store::Postgres(s) => s.deliveries(status, limit).await,
-            Store::Sqlite(s) => s.deliveries(status, limit).await,
+            Store::Postgres(s) => s.list_deliveries(f).await,
+            Store::Sqlite(s) => s.list_deliveries(f).await,
+        }
+    }
+
+    pub async fn list_events(&self, f: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.list_events(f).await,
+            Store::Sqlite(s) => s.list_events(f).await,
+        }
+    }
+
+    /// Every scope's current state for a phone.
+    pub async fn states(&self, phone: &Phone) -> Result<Vec<StateRow>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.states(phone).await,
+            Store::Sqlite(s) => s.states(phone).await,
+        }
+    }
+
+    /// Re-queues one dead (or waiting, unleased) delivery, due now.
+    pub async fn retry_delivery(&self, id: i64) -> Result<RetryOutcome, StoreError> {
+        match self {
+            Store::Postgres(s) => s.retry_delivery(id, Utc::now()).await,
+            Store::Sqlite(s) => s.retry_delivery(id, Utc::now()).await,
         }
     }
 

@@ -12,7 +12,10 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
-use super::{dedupe, spread, ClaimedDelivery, DeliveryRow, NewEvent, QueueStats, Readiness, RecordOutcome, Settle, StoreError};
+use super::{
+    dedupe, spread, ClaimedDelivery, DeliveryFilter, DeliveryRow, EventFilter, EventRow, NewEvent, QueueStats, Readiness,
+    RecordOutcome, RetryOutcome, Settle, StateRow, StoreError,
+};
 use crate::domain::{EventKind, Phone};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -54,11 +57,11 @@ impl PgStore {
         let pick = |f: &dyn Fn(&NewEvent) -> Option<String>| unique.iter().map(|&i| f(&events[i])).collect::<Vec<_>>();
         let rows = sqlx::query(
             "INSERT INTO events (message_sid, account_sid, messaging_service_sid, scope, phone, from_raw,
-                                 to_number, kind, body, params, received_at)
-             SELECT sid, acc, svc, scope, phone, raw, to_number, kind, body, params::jsonb, at
+                                 to_number, kind, body, params, received_at, source)
+             SELECT sid, acc, svc, scope, phone, raw, to_number, kind, body, params::jsonb, at, source
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
-                  AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at)
+                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[])
+                  AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at, source)
              ORDER BY sid
              ON CONFLICT (message_sid) DO NOTHING
              RETURNING id, message_sid",
@@ -74,6 +77,7 @@ impl PgStore {
         .bind(pick(&|e| Some(e.body.clone())))
         .bind(pick(&|e| Some(e.params.to_string())))
         .bind(unique.iter().map(|&i| events[i].received_at).collect::<Vec<_>>())
+        .bind(pick(&|e| Some(e.source.clone())))
         .fetch_all(&mut *tx)
         .await?;
 
@@ -253,13 +257,20 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub async fn deliveries(&self, status: Option<&str>, limit: i64) -> Result<Vec<DeliveryRow>, StoreError> {
+    pub async fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, event_id, sink, phone, kind, status, attempts, last_error, result
-               FROM deliveries WHERE ($1::text IS NULL OR status = $1) ORDER BY id LIMIT $2",
+            "SELECT id, event_id, sink, phone, kind, status, attempts, last_error, result,
+                    created_at, next_attempt_at, completed_at
+               FROM deliveries
+              WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR sink = $2)
+                AND ($3::text IS NULL OR phone = $3) AND id > $4
+              ORDER BY id LIMIT $5",
         )
-        .bind(status)
-        .bind(limit)
+        .bind(f.status.as_deref())
+        .bind(f.sink.as_deref())
+        .bind(f.phone.as_deref())
+        .bind(f.after_id.unwrap_or(0))
+        .bind(f.limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -274,9 +285,80 @@ impl PgStore {
                     attempts: r.try_get("attempts")?,
                     last_error: r.try_get("last_error")?,
                     result: r.try_get("result")?,
+                    created_at: r.try_get("created_at")?,
+                    next_attempt_at: r.try_get("next_attempt_at")?,
+                    completed_at: r.try_get("completed_at")?,
                 })
             })
             .collect()
+    }
+
+    pub async fn list_events(&self, f: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, message_sid, scope, phone, kind, body, source, received_at FROM events
+              WHERE ($1::text IS NULL OR phone = $1) AND ($2::text IS NULL OR kind = $2)
+                AND ($3::timestamptz IS NULL OR received_at >= $3) AND id > $4
+              ORDER BY id LIMIT $5",
+        )
+        .bind(f.phone.as_deref())
+        .bind(f.kind.as_deref())
+        .bind(f.since)
+        .bind(f.after_id.unwrap_or(0))
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRow {
+                    id: r.try_get("id")?,
+                    message_sid: r.try_get("message_sid")?,
+                    scope: r.try_get("scope")?,
+                    phone: r.try_get("phone")?,
+                    kind: r.try_get("kind")?,
+                    body: r.try_get("body")?,
+                    source: r.try_get("source")?,
+                    received_at: r.try_get("received_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn states(&self, phone: &Phone) -> Result<Vec<StateRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT scope, phone, opted_out, event_id, changed_at FROM opt_out_state WHERE phone = $1 ORDER BY scope",
+        )
+        .bind(phone.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StateRow {
+                    scope: r.try_get("scope")?,
+                    phone: r.try_get("phone")?,
+                    opted_out: r.try_get("opted_out")?,
+                    event_id: r.try_get("event_id")?,
+                    since: r.try_get("changed_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn retry_delivery(&self, id: i64, now: DateTime<Utc>) -> Result<RetryOutcome, StoreError> {
+        let done = sqlx::query(
+            "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, completed_at = NULL,
+                    updated_at = $2, locked_until = NULL, locked_by = NULL
+              WHERE id = $1 AND (status = 'dead' OR (status = 'pending' AND (locked_until IS NULL OR locked_until < $2)))",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(RetryOutcome::Requeued);
+        }
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM deliveries WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        Ok(if exists.is_some() { RetryOutcome::NotRetryable } else { RetryOutcome::NotFound })
     }
 
     pub async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
