@@ -29,8 +29,67 @@ pub struct Config {
     pub twilio: TwilioConfig,
     pub keywords: KeywordsConfig,
     pub redcap: Option<RedcapConfig>,
+    pub email: Option<EmailConfig>,
     pub relay: RelayConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer tokens for `/v1/…`. None configured: the admin API is disabled (404).
+    #[serde(deserialize_with = "secret_list")]
+    pub tokens: Vec<SecretString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EmailTls {
+    /// Plain SMTP (a relay on the same host or network only).
+    None,
+    /// SMTP then STARTTLS, required (port 587).
+    #[default]
+    Starttls,
+    /// Implicit TLS (port 465).
+    Tls,
+}
+
+/// The notification email (the REDCap module's "Notification Email").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    pub smtp_host: String,
+    /// Default: 25 (none), 587 (starttls), 465 (tls).
+    #[serde(default)]
+    pub smtp_port: Option<u16>,
+    #[serde(default)]
+    pub tls: EmailTls,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    pub from: String,
+    pub to: Vec<String>,
+    /// Zone the times in the message are written in (default UTC).
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    #[serde(default = "default_smtp_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_smtp_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl EmailConfig {
+    pub fn port(&self) -> u16 {
+        self.smtp_port.unwrap_or(match self.tls {
+            EmailTls::None => 25,
+            EmailTls::Starttls => 587,
+            EmailTls::Tls => 465,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,6 +398,26 @@ impl Config {
                 out.push("redcap.max_calls_per_minute must be between 1 and 600 (REDCap bans past its limit)".into());
             }
         }
+        if let Some(e) = &self.email {
+            if e.smtp_host.trim().is_empty() {
+                out.push("email.smtp_host is empty".to_owned());
+            }
+            if !e.from.contains('@') {
+                out.push(format!("email.from {:?} is not an address", e.from));
+            }
+            if e.to.is_empty() {
+                out.push("email.to must list at least one address".to_owned());
+            }
+            for to in e.to.iter().filter(|t| !t.contains('@')) {
+                out.push(format!("email.to {to:?} is not an address"));
+            }
+            if e.timezone.parse::<chrono_tz::Tz>().is_err() {
+                out.push(format!("email.timezone {:?} is not an IANA zone name", e.timezone));
+            }
+            if e.username.is_some() != e.password.is_some() {
+                out.push("email.username and email.password go together".to_owned());
+            }
+        }
         let relay = &self.relay;
         if relay.workers == 0 {
             out.push("relay.workers must be at least 1".to_owned());
@@ -363,6 +442,9 @@ impl Config {
         let mut sinks = Vec::new();
         if self.redcap.is_some() {
             sinks.push(crate::sinks::redcap::SINK_NAME);
+        }
+        if self.email.is_some() {
+            sinks.push(crate::sinks::EMAIL_SINK);
         }
         sinks
     }

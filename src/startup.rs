@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::domain::parse_region;
 use crate::http::{self, AppState, Inner};
 use crate::relay;
+use crate::sinks::email::EmailSink;
 use crate::sinks::redcap::RedcapSink;
 use crate::sinks::Sink;
 use crate::store::batch::BatchWriter;
@@ -82,7 +83,7 @@ impl Application {
             sinks: config.sink_names(),
         });
         let router = http::router(state, config.server.max_body_bytes);
-        let sinks = build_sinks(&config, region)?;
+        let sinks = build_sinks(&config, region, &store)?;
         Ok(Application { listener, router, store, config, sinks, recorded })
     }
 
@@ -151,12 +152,17 @@ impl Application {
 }
 
 /// One sink per configured section; ingest queues a delivery for each.
-pub fn build_sinks(config: &Config, region: phonenumber::country::Id) -> Result<Vec<Arc<Sink>>, StartError> {
+pub fn build_sinks(config: &Config, region: phonenumber::country::Id, store: &Store) -> Result<Vec<Arc<Sink>>, StartError> {
     let mut sinks = Vec::new();
     if let Some(cfg) = &config.redcap {
         crate::install_tls_provider();
         let sink = RedcapSink::new(cfg, region).map_err(|e| StartError::Config(format!("redcap: {e}")))?;
         sinks.push(Arc::new(Sink::Redcap(sink)));
+    }
+    if let Some(cfg) = &config.email {
+        crate::install_tls_provider();
+        let sink = EmailSink::new(cfg, store.clone()).map_err(|e| StartError::Config(format!("email: {e}")))?;
+        sinks.push(Arc::new(Sink::Email(sink)));
     }
     Ok(sinks)
 }

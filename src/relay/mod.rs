@@ -61,7 +61,7 @@ impl Worker {
         tracing::debug!(owner = %self.owner, "relay worker started");
         let mut store_backoff = self.policy.poll_interval;
         while !shutdown.is_cancelled() {
-            let idle = match self.store.claim(self.sink.name(), &self.owner, self.policy.batch_size, self.policy.lease).await {
+            let idle = match self.store.claim(self.sink.name(), &self.owner, self.policy.batch_size, self.policy.lease, self.sink.reports_on_others()).await {
                 Ok(batch) if batch.is_empty() => self.policy.poll_interval,
                 Ok(batch) => {
                     store_backoff = self.policy.poll_interval;
@@ -96,44 +96,39 @@ impl Worker {
         }
         let items: Vec<DeliveryItem> = due
             .iter()
-            .map(|d| DeliveryItem { id: d.id, phone: d.phone.clone(), kind: d.kind, received_at: d.received_at })
+            .map(|d| DeliveryItem { id: d.id, event_id: d.event_id, phone: d.phone.clone(), kind: d.kind, received_at: d.received_at })
             .collect();
         let started = std::time::Instant::now();
-        match self.sink.apply(&items).await {
-            Ok(results) => {
-                tracing::info!(
-                    sink = self.sink.name(),
-                    deliveries = items.len(),
-                    ms = started.elapsed().as_millis() as u64,
-                    "delivered"
-                );
-                metrics::delivery(self.sink.name(), "done", due.len() as u64);
-                for (d, result) in due.iter().zip(results) {
-                    self.settle(d, Settle::Done(result)).await;
+        let outcomes = self.sink.apply(&items).await;
+        let ms = started.elapsed().as_millis() as u64;
+        let now = Utc::now();
+        let mut done = 0u64;
+        let mut logged_error = false;
+        for (d, outcome) in due.iter().zip(outcomes) {
+            let how = match outcome {
+                Ok(result) => {
+                    done += 1;
+                    Settle::Done(result)
                 }
-            }
-            Err(error) => {
-                match &error {
-                    SinkError::Misconfigured(_) => tracing::error!(
-                        sink = self.sink.name(),
-                        deliveries = items.len(),
-                        %error,
-                        "sink refuses our requests: fix the configuration; deliveries are kept and retried slowly"
-                    ),
-                    SinkError::Transient { .. } => {
-                        tracing::warn!(sink = self.sink.name(), deliveries = items.len(), %error, "delivery failed; will retry")
+                Err(error) => {
+                    // One line per failing batch, not per delivery.
+                    if !logged_error {
+                        logged_error = true;
+                        log_failure(self.sink.name(), items.len(), &error);
                     }
-                }
-                let now = Utc::now();
-                for d in &due {
                     let how = retry::after_failure(&self.policy, d.attempts, d.created_at, now, &error, rand::random::<f64>());
                     metrics::delivery(self.sink.name(), if matches!(how, Settle::Dead(_)) { "dead" } else { "retry" }, 1);
                     if let Settle::Dead(reason) = &how {
                         tracing::error!(delivery = d.id, sink = self.sink.name(), %reason, "delivery dead-lettered; replay with `optout-relay replay --dead`");
                     }
-                    self.settle(d, how).await;
+                    how
                 }
-            }
+            };
+            self.settle(d, how).await;
+        }
+        if done > 0 {
+            metrics::delivery(self.sink.name(), "done", done);
+            tracing::info!(sink = self.sink.name(), deliveries = done, ms, "delivered");
         }
     }
 
@@ -144,5 +139,17 @@ impl Worker {
             // The lease will expire and the delivery be retried: nothing is lost.
             Err(e) => tracing::error!(delivery = d.id, error = %e, "cannot record the delivery's outcome; it will be retried"),
         }
+    }
+}
+
+fn log_failure(sink: &str, deliveries: usize, error: &SinkError) {
+    match error {
+        SinkError::Misconfigured(_) => tracing::error!(
+            sink,
+            deliveries,
+            %error,
+            "sink refuses our requests: fix the configuration; deliveries are kept and retried slowly"
+        ),
+        SinkError::Transient { .. } => tracing::warn!(sink, deliveries, %error, "delivery failed; will retry"),
     }
 }

@@ -2,7 +2,13 @@
 //! due deliveries and applies them all, or fails the batch with an error the
 //! relay classifies for its retry schedule.
 
+pub mod email;
 pub mod redcap;
+
+/// The email sink's name in the delivery queue. It reports what the other
+/// sinks did, so its deliveries wait until the same event's other
+/// deliveries are no longer pending.
+pub const EMAIL_SINK: &str = "email";
 
 use std::time::Duration;
 
@@ -15,6 +21,7 @@ use crate::domain::{EventKind, Phone};
 #[derive(Debug, Clone)]
 pub struct DeliveryItem {
     pub id: i64,
+    pub event_id: i64,
     pub phone: Phone,
     /// `OptOut` or `OptIn` (help events are never relayed).
     pub kind: EventKind,
@@ -36,20 +43,35 @@ pub enum SinkError {
 /// The configured sinks.
 pub enum Sink {
     Redcap(redcap::RedcapSink),
+    Email(email::EmailSink),
 }
 
 impl Sink {
     pub fn name(&self) -> &'static str {
         match self {
             Sink::Redcap(_) => redcap::SINK_NAME,
+            Sink::Email(_) => EMAIL_SINK,
         }
     }
 
-    /// Applies every item; on success returns one result per item, in order
-    /// (what was changed, e.g. `{"records": ["12", "40"]}`), recorded on the delivery.
-    pub async fn apply(&self, items: &[DeliveryItem]) -> Result<Vec<Value>, SinkError> {
+    /// Whether this sink reports what the other sinks did with an event (and
+    /// so waits for them).
+    pub fn reports_on_others(&self) -> bool {
+        self.name() == EMAIL_SINK
+    }
+
+    /// Applies every item; returns one outcome per item, in order. On success
+    /// the value says what was changed (e.g. `{"records": ["12", "40"]}`) and
+    /// is recorded on the delivery. REDCap applies a batch as a whole (one
+    /// export, one import), so its items share one outcome; email sends one
+    /// message per item, so a failure affects only its own item.
+    pub async fn apply(&self, items: &[DeliveryItem]) -> Vec<Result<Value, SinkError>> {
         match self {
-            Sink::Redcap(s) => s.apply(items).await,
+            Sink::Redcap(s) => match s.apply(items).await {
+                Ok(values) => values.into_iter().map(Ok).collect(),
+                Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
+            },
+            Sink::Email(s) => s.apply(items).await,
         }
     }
 }

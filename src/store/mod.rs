@@ -150,6 +150,7 @@ pub struct EventFilter {
 /// Filters for listing deliveries; `after_id` pages (ids ascending).
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryFilter {
+    pub event_id: Option<i64>,
     pub status: Option<String>,
     pub sink: Option<String>,
     pub phone: Option<String>,
@@ -233,13 +234,22 @@ impl Store {
     }
 
     /// Claims up to `limit` due deliveries of `sink`: at most one per phone,
-    /// and only a phone's oldest pending one, so changes apply in order.
-    pub async fn claim(&self, sink: &str, owner: &str, limit: u32, lease: Duration) -> Result<Vec<ClaimedDelivery>, StoreError> {
+    /// and only a phone's oldest pending one, so changes apply in order. With
+    /// `wait_for_other_sinks`, a delivery also waits until its event's
+    /// deliveries to other sinks are no longer pending (a report of them).
+    pub async fn claim(
+        &self,
+        sink: &str,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+        wait_for_other_sinks: bool,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
         let now = Utc::now();
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
         match self {
-            Store::Postgres(s) => s.claim(sink, owner, limit, now, until).await,
-            Store::Sqlite(s) => s.claim(sink, owner, limit, now, until).await,
+            Store::Postgres(s) => s.claim(sink, owner, limit, now, until, wait_for_other_sinks).await,
+            Store::Sqlite(s) => s.claim(sink, owner, limit, now, until, wait_for_other_sinks).await,
         }
     }
 

@@ -138,6 +138,7 @@ impl SqliteStore {
         limit: u32,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
+        wait_for_other_sinks: bool,
     ) -> Result<Vec<ClaimedDelivery>, StoreError> {
         let rows = sqlx::query(
             "UPDATE deliveries
@@ -149,6 +150,9 @@ impl SqliteStore {
                        AND NOT EXISTS (SELECT 1 FROM deliveries o
                                         WHERE o.sink = c.sink AND o.phone = c.phone
                                           AND o.status = 'pending' AND o.id < c.id)
+                       AND NOT (?6 AND EXISTS (SELECT 1 FROM deliveries w
+                                                 WHERE w.event_id = c.event_id AND w.sink <> c.sink
+                                                   AND w.status = 'pending'))
                      ORDER BY c.id
                      LIMIT ?2)
               RETURNING id, event_id, phone, kind, attempts, created_at,
@@ -162,6 +166,7 @@ impl SqliteStore {
         .bind(owner)
         .bind(ms(until))
         .bind(ms(now))
+        .bind(wait_for_other_sinks)
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -236,7 +241,7 @@ impl SqliteStore {
                     created_at, next_attempt_at, completed_at
                FROM deliveries
               WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR sink = ?2)
-                AND (?3 IS NULL OR phone = ?3) AND id > ?4
+                AND (?3 IS NULL OR phone = ?3) AND id > ?4 AND (?6 IS NULL OR event_id = ?6)
               ORDER BY id LIMIT ?5",
         )
         .bind(f.status.as_deref())
@@ -244,6 +249,7 @@ impl SqliteStore {
         .bind(f.phone.as_deref())
         .bind(f.after_id.unwrap_or(0))
         .bind(f.limit)
+        .bind(f.event_id)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
