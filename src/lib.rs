@@ -10,6 +10,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod metrics;
+pub mod ops;
 pub mod relay;
 pub mod sinks;
 pub mod startup;

@@ -6,7 +6,10 @@ use std::time::Duration;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use anyhow::Context as _;
 use optout_relay::config::Config;
+use optout_relay::domain::{parse_region, EventKind, Phone};
+use optout_relay::ops;
 use optout_relay::startup::Application;
 use optout_relay::store::Store;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +43,30 @@ enum Command {
     },
     /// Probe /readyz at the configured listen address; exit 0 only on 200 (container HEALTHCHECK).
     Healthcheck,
+    /// Is this number opted out, since when, and did each sink get it? (JSON)
+    Status {
+        /// The phone number, in any format.
+        phone: String,
+    },
+    /// Record an opt-out received another way (call, email, letter); it is relayed like a STOP.
+    OptOut(StaffArgs),
+    /// Record an opt-in received another way; it is relayed like a START.
+    OptIn(StaffArgs),
+}
+
+#[derive(clap::Args)]
+struct StaffArgs {
+    /// The phone number, in any format.
+    phone: String,
+    /// Scope (a Messaging Service SID); default: the whole organisation.
+    #[arg(long)]
+    scope: Option<String>,
+    /// Free text kept with the event.
+    #[arg(long)]
+    note: Option<String>,
+    /// Who recorded it.
+    #[arg(long, default_value = "cli")]
+    source: String,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +94,9 @@ fn main() -> ExitCode {
             Command::CheckConfig => check_config(config).await,
             Command::Replay { dead, sink } => replay(config, dead, sink).await,
             Command::Healthcheck => healthcheck(config).await,
+            Command::Status { phone } => status(config, &phone).await,
+            Command::OptOut(args) => staff(config, args, EventKind::OptOut).await,
+            Command::OptIn(args) => staff(config, args, EventKind::OptIn).await,
         }
     });
     match result {
@@ -116,6 +146,34 @@ async fn replay(config: Config, dead: bool, sink: Option<String>) -> anyhow::Res
     let n = store.replay_dead(sink.as_deref()).await?;
     store.close().await;
     println!("re-queued {n} dead deliveries");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn phone_arg(config: &Config, raw: &str) -> anyhow::Result<Phone> {
+    let region = parse_region(&config.keywords.default_region).context("keywords.default_region")?;
+    Phone::parse(raw, region).map_err(|_| anyhow::anyhow!("{raw:?} is not a phone number"))
+}
+
+async fn status(config: Config, raw: &str) -> anyhow::Result<ExitCode> {
+    let phone = phone_arg(&config, raw)?;
+    let store = Store::connect_lazy(&config.database)?;
+    let status = ops::phone_status(&store, &phone).await?;
+    store.close().await;
+    println!("{}", serde_json::to_string_pretty(&status)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn staff(config: Config, args: StaffArgs, kind: EventKind) -> anyhow::Result<ExitCode> {
+    if args.source.trim().is_empty() {
+        anyhow::bail!("--source must name who recorded this");
+    }
+    let phone = phone_arg(&config, &args.phone)?;
+    let store = Store::connect_lazy(&config.database)?;
+    store.migrate().await?;
+    let event = ops::staff_event(phone, kind, args.scope, args.note, &args.source);
+    let id = ops::record(&store, event, &config.sink_names()).await?;
+    store.close().await;
+    println!("recorded {} as event {id}; a running `serve` relays it", kind.as_str());
     Ok(ExitCode::SUCCESS)
 }
 

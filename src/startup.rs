@@ -81,8 +81,9 @@ impl Application {
             region,
             mask_phones: config.log.mask_phones,
             sinks: config.sink_names(),
+            relay_wake: recorded.clone(),
         });
-        let router = http::router(state, config.server.max_body_bytes);
+        let router = http::router(state, config.server.max_body_bytes, config.admin.tokens.clone());
         let sinks = build_sinks(&config, region, &store)?;
         Ok(Application { listener, router, store, config, sinks, recorded })
     }

@@ -5,6 +5,8 @@
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
 
 use crate::store::StoreError;
 use crate::twilio::signature::SignatureError;
@@ -23,6 +25,12 @@ pub enum ApiError {
     /// The event was not committed; Twilio (or the caller) should retry.
     #[error("{0}")]
     Unavailable(#[from] StoreError),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<WebhookError> for ApiError {
@@ -39,6 +47,23 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+        }
+    }
+
+    /// A stable machine-readable code for the JSON body.
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unavailable(_) => "store_unavailable",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
         }
     }
 
@@ -48,6 +73,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "bad_signature",
             ApiError::PayloadTooLarge | ApiError::UnsupportedMediaType | ApiError::BadRequest(_) => "rejected",
             ApiError::Unavailable(_) => "store_unavailable",
+            ApiError::Unauthorized | ApiError::NotFound(_) | ApiError::Conflict(_) => "rejected",
         }
     }
 }
@@ -59,16 +85,25 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(e) => tracing::error!(error = %e, "event not committed; answering 503"),
             other => tracing::warn!(reason = %other, "request refused"),
         }
-        let body = match &self {
-            // No hint to a forger about which part of the signature failed.
-            ApiError::Forbidden(_) => String::new(),
-            ApiError::BadRequest(detail) => format!("{detail}\n"),
-            ApiError::Unavailable(_) => "store unavailable, retry later\n".to_owned(),
-            other => format!("{other}\n"),
+        // 403 says nothing to a forger; 503 hides the database's words; the
+        // rest are the client's own mistakes and say what they were.
+        let detail = match &self {
+            ApiError::Forbidden(_) => None,
+            ApiError::Unavailable(_) => Some("store unavailable, retry later".to_owned()),
+            other => Some(other.to_string()),
         };
-        let mut resp = (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        let mut resp = match detail {
+            None => status.into_response(),
+            Some(detail) => (status, Json(json!({ "code": self.code(), "detail": detail }))).into_response(),
+        };
+        match status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            }
+            StatusCode::UNAUTHORIZED => {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         resp
     }

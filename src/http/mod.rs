@@ -1,5 +1,6 @@
 //! The HTTP edge: one router, one shared state, errors mapped in `error.rs`.
 
+mod admin;
 pub mod error;
 mod health;
 mod webhook;
@@ -39,6 +40,8 @@ pub struct Inner {
     pub mask_phones: bool,
     /// Configured sink names, for the queue gauges.
     pub sinks: Vec<&'static str>,
+    /// Wakes the relay workers (after a retry was requested).
+    pub relay_wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::ops::Deref for AppState {
@@ -78,6 +81,10 @@ impl AppState {
         out
     }
 
+    pub fn wake_relay(&self) {
+        self.relay_wake.notify_waiters();
+    }
+
     pub fn show_phone(&self, phone: &Phone) -> String {
         if self.mask_phones {
             phone.masked()
@@ -87,7 +94,7 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState, max_body_bytes: usize, admin_tokens: Vec<secrecy::SecretString>) -> Router {
     let trace = TraceLayer::new_for_http()
         .make_span_with(|req: &Request<_>| {
             let id = req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
@@ -107,11 +114,16 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         })
         .on_failure(());
 
-    Router::new()
+    let mut routes = Router::new()
         .route("/twilio/messages", post(webhook::inbound))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+        .route("/metrics", get(health::metrics));
+    // No token configured: the admin API does not exist (404), rather than being open.
+    if !admin_tokens.is_empty() {
+        routes = routes.merge(admin::router(admin_tokens));
+    }
+    routes
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
         .layer(CatchPanicLayer::new())

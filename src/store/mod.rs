@@ -96,7 +96,7 @@ pub enum Settle {
 }
 
 /// A delivery as an operator sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeliveryRow {
     pub id: i64,
     pub event_id: i64,
@@ -107,6 +107,7 @@ pub struct DeliveryRow {
     pub attempts: i32,
     pub last_error: Option<String>,
     /// What the sink changed (e.g. REDCap record ids), once done.
+    #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     pub created_at: DateTime<Utc>,
     pub next_attempt_at: DateTime<Utc>,
@@ -114,7 +115,7 @@ pub struct DeliveryRow {
 }
 
 /// An event as an operator sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EventRow {
     pub id: i64,
     pub message_sid: String,
@@ -127,7 +128,7 @@ pub struct EventRow {
 }
 
 /// The current opt-out state of a phone in one scope.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StateRow {
     pub scope: String,
     pub phone: String,

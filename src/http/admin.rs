@@ -1,0 +1,236 @@
+//! The admin API under `/v1/`: what an operator needs without touching SQL.
+//! Bearer tokens from `[admin] tokens`, compared in constant time; with no
+//! token configured the routes are not mounted at all.
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::domain::{EventKind, Phone};
+use crate::ops::{self, PhoneStatus};
+use crate::store::{DeliveryFilter, DeliveryRow, EventFilter, EventRow, RecordOutcome, RetryOutcome, StateRow};
+
+const MAX_LIMIT: i64 = 500;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "optout-relay admin API", description = "Opt-out state, events and deliveries; staff-recorded revocations."),
+    paths(phone, events, deliveries, retry_one, retry_dead, opt_out, opt_in),
+    components(schemas(PhoneStatus, EventRow, DeliveryRow, StateRow, EventPage, DeliveryPage, StaffChange, Recorded)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct AdminDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+pub fn router(tokens: Vec<SecretString>) -> Router<AppState> {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/phones/{phone}", get(phone))
+        .route("/v1/events", get(events))
+        .route("/v1/deliveries", get(deliveries))
+        .route("/v1/deliveries/retry-dead", post(retry_dead))
+        .route("/v1/deliveries/{id}/retry", post(retry_one))
+        .route("/v1/opt-outs", post(opt_out))
+        .route("/v1/opt-ins", post(opt_in))
+        .layer(middleware::from_fn_with_state(std::sync::Arc::new(tokens), require_bearer))
+}
+
+async fn require_bearer(
+    State(tokens): State<std::sync::Arc<Vec<SecretString>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    // Compare with every token (no early exit) so timing tells nothing.
+    let mut ok = subtle::Choice::from(0u8);
+    for t in tokens.iter() {
+        ok |= t.expose_secret().as_bytes().ct_eq(given.as_bytes());
+    }
+    if given.is_empty() || !bool::from(ok) {
+        return ApiError::Unauthorized.into_response();
+    }
+    next.run(request).await
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(AdminDoc::openapi())
+}
+
+fn parse_phone(app: &AppState, raw: &str) -> Result<Phone, ApiError> {
+    Phone::parse(raw, app.region).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a phone number")))
+}
+
+fn limit(requested: Option<i64>) -> i64 {
+    requested.unwrap_or(100).clamp(1, MAX_LIMIT)
+}
+
+/// Current opt-out state per scope, the events that made it, and each
+/// delivery's status and records touched.
+#[utoipa::path(get, path = "/v1/phones/{phone}", params(("phone" = String, Path, description = "Any format; read with keywords.default_region")),
+    responses((status = 200, body = PhoneStatus), (status = 400), (status = 401)))]
+async fn phone(State(app): State<AppState>, Path(raw): Path<String>) -> Result<Json<PhoneStatus>, ApiError> {
+    let phone = parse_phone(&app, &raw)?;
+    Ok(Json(ops::phone_status(&app.store, &phone).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct EventQuery {
+    phone: Option<String>,
+    /// `opt_out`, `opt_in` or `help`.
+    kind: Option<String>,
+    /// RFC 3339 time: events received at or after it.
+    since: Option<DateTime<Utc>>,
+    /// Page size (1–500, default 100).
+    limit: Option<i64>,
+    /// Return events with an id above this (the previous page's `next_after`).
+    after: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct EventPage {
+    items: Vec<EventRow>,
+    /// Pass as `after` for the next page; absent on the last page.
+    next_after: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/events", params(EventQuery), responses((status = 200, body = EventPage), (status = 400), (status = 401)))]
+async fn events(State(app): State<AppState>, Query(q): Query<EventQuery>) -> Result<Json<EventPage>, ApiError> {
+    let phone = q.phone.as_deref().map(|p| parse_phone(&app, p)).transpose()?;
+    if let Some(k) = q.kind.as_deref() {
+        EventKind::parse(k).ok_or_else(|| ApiError::BadRequest("kind must be opt_out, opt_in or help".into()))?;
+    }
+    let limit = limit(q.limit);
+    let filter = EventFilter { phone: phone.map(|p| p.as_str().to_owned()), kind: q.kind, since: q.since, after_id: q.after, limit };
+    let items = app.store.list_events(&filter).await?;
+    let next_after = (items.len() as i64 == limit).then(|| items.last().map(|e| e.id)).flatten();
+    Ok(Json(EventPage { items, next_after }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct DeliveryQuery {
+    /// `pending`, `dead` or `done`.
+    status: Option<String>,
+    sink: Option<String>,
+    limit: Option<i64>,
+    after: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct DeliveryPage {
+    items: Vec<DeliveryRow>,
+    next_after: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/deliveries", params(DeliveryQuery), responses((status = 200, body = DeliveryPage), (status = 400), (status = 401)))]
+async fn deliveries(State(app): State<AppState>, Query(q): Query<DeliveryQuery>) -> Result<Json<DeliveryPage>, ApiError> {
+    if let Some(s) = q.status.as_deref() {
+        if !matches!(s, "pending" | "dead" | "done") {
+            return Err(ApiError::BadRequest("status must be pending, dead or done".into()));
+        }
+    }
+    let limit = limit(q.limit);
+    let filter = DeliveryFilter { status: q.status, sink: q.sink, after_id: q.after, limit, ..DeliveryFilter::default() };
+    let items = app.store.list_deliveries(&filter).await?;
+    let next_after = (items.len() as i64 == limit).then(|| items.last().map(|d| d.id)).flatten();
+    Ok(Json(DeliveryPage { items, next_after }))
+}
+
+/// Re-queues one dead (or waiting) delivery, due now.
+#[utoipa::path(post, path = "/v1/deliveries/{id}/retry", params(("id" = i64, Path)),
+    responses((status = 200), (status = 404), (status = 409, description = "done, or in a worker's hands"), (status = 401)))]
+async fn retry_one(State(app): State<AppState>, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
+    match app.store.retry_delivery(id).await? {
+        RetryOutcome::Requeued => {
+            app.wake_relay();
+            Ok(Json(json!({ "id": id, "status": "pending" })))
+        }
+        RetryOutcome::NotFound => Err(ApiError::NotFound(format!("no delivery {id}"))),
+        RetryOutcome::NotRetryable => Err(ApiError::Conflict(format!("delivery {id} is done or being delivered right now"))),
+    }
+}
+
+/// Re-queues every dead delivery.
+#[utoipa::path(post, path = "/v1/deliveries/retry-dead", responses((status = 200), (status = 401)))]
+async fn retry_dead(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let n = app.store.replay_dead(None).await?;
+    app.wake_relay();
+    Ok(Json(json!({ "requeued": n })))
+}
+
+/// A change of consent received another way (phone call, email, letter).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct StaffChange {
+    phone: String,
+    /// Default: the whole organisation.
+    scope: Option<String>,
+    note: Option<String>,
+    /// Who or what recorded it, e.g. `call-center:jdoe`.
+    source: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Recorded {
+    event_id: i64,
+    message_sid: String,
+    kind: String,
+}
+
+#[utoipa::path(post, path = "/v1/opt-outs", request_body = StaffChange, responses((status = 201, body = Recorded), (status = 400), (status = 401), (status = 503)))]
+async fn opt_out(State(app): State<AppState>, body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>) -> Result<Response, ApiError> {
+    staff_change(app, body, EventKind::OptOut).await
+}
+
+#[utoipa::path(post, path = "/v1/opt-ins", request_body = StaffChange, responses((status = 201, body = Recorded), (status = 400), (status = 401), (status = 503)))]
+async fn opt_in(State(app): State<AppState>, body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>) -> Result<Response, ApiError> {
+    staff_change(app, body, EventKind::OptIn).await
+}
+
+async fn staff_change(
+    app: AppState,
+    body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>,
+    kind: EventKind,
+) -> Result<Response, ApiError> {
+    let Json(change) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if change.source.trim().is_empty() {
+        return Err(ApiError::BadRequest("source is required (who recorded this)".into()));
+    }
+    let phone = parse_phone(&app, &change.phone)?;
+    let event = ops::staff_event(phone, kind, change.scope, change.note, &change.source);
+    let sid = event.message_sid.as_str().to_owned();
+    match app.writer.record(event).await? {
+        RecordOutcome::Recorded(id) => {
+            tracing::info!(event = id, kind = kind.as_str(), "staff recorded a consent change");
+            let body = Recorded { event_id: id, message_sid: sid, kind: kind.as_str().to_owned() };
+            Ok((StatusCode::CREATED, Json(body)).into_response())
+        }
+        RecordOutcome::Duplicate => Err(ApiError::Conflict("already recorded".into())),
+    }
+}
