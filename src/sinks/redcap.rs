@@ -11,6 +11,10 @@ pub const SINK_NAME: &str = "redcap";
 pub struct RedcapSink;
 
 impl RedcapSink {
+    pub fn new(_cfg: &crate::config::RedcapConfig, _region: phonenumber::country::Id) -> Result<RedcapSink, String> {
+        Ok(RedcapSink)
+    }
+
     pub async fn apply(&self, _items: &[DeliveryItem]) -> Result<Vec<Value>, SinkError> {
         Err(SinkError::Misconfigured("REDCap sink not implemented yet".into()))
     }
