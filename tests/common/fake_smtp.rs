@@ -1,0 +1,465 @@
+//! A minimal in-process SMTP server for the email sink's tests: plain ESMTP
+//! (no TLS), AUTH PLAIN/LOGIN against one configured user, and switchable
+//! faults. Every accepted message is kept with its envelope and raw data.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// A message the server accepted.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub from: String,
+    pub to: Vec<String>,
+    /// The DATA as sent (CRLF line ends, dot-stuffing removed).
+    pub data: String,
+    /// The user the session authenticated as, if it did.
+    pub auth_user: Option<String>,
+    /// The AUTH mechanism that session used (`PLAIN`, `LOGIN`).
+    pub auth_mechanism: Option<String>,
+}
+
+impl Received {
+    /// A header's value, unfolded (first occurrence, name case-insensitive).
+    pub fn header(&self, name: &str) -> Option<String> {
+        let (head, _) = self.split();
+        let mut found: Option<String> = None;
+        for line in head.split("\r\n") {
+            if let Some(value) = found.as_mut() {
+                if line.starts_with(' ') || line.starts_with('\t') {
+                    value.push_str(line);
+                    continue;
+                }
+                break;
+            }
+            if let Some((n, v)) = line.split_once(':') {
+                if n.eq_ignore_ascii_case(name) {
+                    found = Some(v.trim_start().to_owned());
+                }
+            }
+        }
+        found.map(|v| v.trim().to_owned())
+    }
+
+    /// The body, decoded from its Content-Transfer-Encoding, with LF line ends.
+    pub fn body(&self) -> String {
+        let (_, raw) = self.split();
+        let encoding = self.header("Content-Transfer-Encoding").unwrap_or_default().to_ascii_lowercase();
+        let text = match encoding.as_str() {
+            "quoted-printable" => decode_quoted_printable(raw),
+            "base64" => {
+                let compact: String = raw.chars().filter(|c| !c.is_whitespace()).collect();
+                let bytes = base64::engine::general_purpose::STANDARD.decode(compact).expect("base64 body");
+                String::from_utf8(bytes).expect("utf-8 body")
+            }
+            _ => raw.to_owned(),
+        };
+        text.replace("\r\n", "\n")
+    }
+
+    fn split(&self) -> (&str, &str) {
+        self.data.split_once("\r\n\r\n").unwrap_or((self.data.as_str(), ""))
+    }
+}
+
+fn decode_quoted_printable(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' {
+            if bytes[i + 1..].starts_with(b"\r\n") {
+                i += 3; // soft line break
+                continue;
+            }
+            if let Some(hex) = raw.get(i + 1..i + 3) {
+                if let Ok(b) = u8::from_str_radix(hex, 16) {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).expect("utf-8 body")
+}
+
+/// What the server does wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Stops listening (connections are refused) and drops open sessions.
+    Down,
+    /// `451 4.3.0` to RCPT TO.
+    RcptTransient,
+    /// `550 5.1.1` to RCPT TO.
+    RcptPermanent,
+}
+
+struct State {
+    messages: Vec<Received>,
+    fault: Fault,
+    /// RCPT faults: transactions to let through first, then how many to fail
+    /// (None: every one).
+    fault_skip: u32,
+    fault_times: Option<u32>,
+    credentials: Option<(String, String)>,
+    mechanisms: Vec<&'static str>,
+    auth_attempts: u32,
+    connections: u32,
+}
+
+pub struct FakeSmtp {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    accept: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    sessions: Sessions,
+}
+
+/// Open sessions' tasks, so an outage can drop them.
+type Sessions = Arc<Mutex<Vec<JoinHandle<()>>>>;
+
+impl FakeSmtp {
+    /// A server without credentials: it advertises AUTH but refuses every login.
+    pub async fn start() -> FakeSmtp {
+        Self::start_inner(None).await
+    }
+
+    /// A server that requires a login as `user`/`password` before MAIL.
+    pub async fn start_with_auth(user: &str, password: &str) -> FakeSmtp {
+        Self::start_inner(Some((user.to_owned(), password.to_owned()))).await
+    }
+
+    async fn start_inner(credentials: Option<(String, String)>) -> FakeSmtp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake SMTP");
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(Mutex::new(State {
+            messages: Vec::new(),
+            fault: Fault::None,
+            fault_skip: 0,
+            fault_times: None,
+            credentials,
+            mechanisms: vec!["PLAIN", "LOGIN"],
+            auth_attempts: 0,
+            connections: 0,
+        }));
+        let sessions = Sessions::default();
+        let accept = tokio::spawn(accept_loop(listener, state.clone(), sessions.clone()));
+        FakeSmtp { addr, state, accept: tokio::sync::Mutex::new(Some(accept)), sessions }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn messages(&self) -> Vec<Received> {
+        self.lock().messages.clone()
+    }
+
+    /// AUTH commands received (successful or not).
+    pub fn auth_attempts(&self) -> u32 {
+        self.lock().auth_attempts
+    }
+
+    /// TCP connections accepted.
+    pub fn connections(&self) -> u32 {
+        self.lock().connections
+    }
+
+    /// The AUTH mechanisms advertised in EHLO (default PLAIN and LOGIN).
+    pub fn advertise_auth(&self, mechanisms: &[&'static str]) {
+        self.lock().mechanisms = mechanisms.to_vec();
+    }
+
+    /// Sets a fault for every transaction from now on (`Fault::None` heals,
+    /// listening again on the same port after `Fault::Down`).
+    pub async fn set_fault(&self, fault: Fault) {
+        self.set_fault_for(fault, 0, None).await;
+    }
+
+    /// Lets `skip` transactions through, then applies an RCPT fault to the
+    /// next `times` ones (None: all).
+    pub async fn set_fault_for(&self, fault: Fault, skip: u32, times: Option<u32>) {
+        {
+            let mut s = self.lock();
+            s.fault = fault;
+            s.fault_skip = skip;
+            s.fault_times = times;
+        }
+        let mut accept = self.accept.lock().await;
+        match fault {
+            Fault::Down => {
+                if let Some(task) = accept.take() {
+                    task.abort();
+                    // Wait until the listener is dropped, so connecting is refused from now on.
+                    let _ = task.await;
+                }
+                let open: Vec<JoinHandle<()>> = std::mem::take(&mut *self.sessions.lock().expect("sessions"));
+                for task in open {
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
+            _ => {
+                if accept.is_none() {
+                    let listener = TcpListener::bind(self.addr).await.expect("listen again on the same port");
+                    *accept = Some(tokio::spawn(accept_loop(listener, self.state.clone(), self.sessions.clone())));
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("fake SMTP state")
+    }
+}
+
+impl Drop for FakeSmtp {
+    fn drop(&mut self) {
+        if let Ok(mut accept) = self.accept.try_lock() {
+            if let Some(task) = accept.take() {
+                task.abort();
+            }
+        }
+        if let Ok(mut open) = self.sessions.lock() {
+            for task in open.drain(..) {
+                task.abort();
+            }
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, sessions: Sessions) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        state.lock().expect("state").connections += 1;
+        let task = tokio::spawn(session(stream, state.clone()));
+        let mut open = sessions.lock().expect("sessions");
+        open.retain(|t| !t.is_finished());
+        open.push(task);
+    }
+}
+
+/// The SMTP transaction in progress on one connection.
+#[derive(Default)]
+struct Transaction {
+    from: Option<String>,
+    to: Vec<String>,
+}
+
+async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut auth_user: Option<String> = None;
+    let mut auth_mechanism: Option<String> = None;
+    let mut tx = Transaction::default();
+    if reply(&mut write, "220 fake.smtp.test ESMTP ready").await.is_err() {
+        return;
+    }
+    loop {
+        let Some(line) = read_line(&mut lines).await else { return };
+        let fault = state.lock().expect("state").fault;
+        if fault == Fault::Down {
+            // Drop the connection without an answer, like a server that went away.
+            return;
+        }
+        let upper = line.to_ascii_uppercase();
+        let verb = upper.split_whitespace().next().unwrap_or("").to_owned();
+        let answer: String = match verb.as_str() {
+            "EHLO" | "HELO" => {
+                tx = Transaction::default();
+                let mechanisms = state.lock().expect("state").mechanisms.join(" ");
+                let mut lines = vec!["250-fake.smtp.test greets you".to_owned(), "250-8BITMIME".to_owned()];
+                if !mechanisms.is_empty() {
+                    lines.push(format!("250-AUTH {mechanisms}"));
+                }
+                lines.push("250 SIZE 10485760".to_owned());
+                lines.join("\r\n")
+            }
+            "AUTH" => {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let mechanism = words.get(1).map(|m| m.to_ascii_uppercase()).unwrap_or_default();
+                let initial = words.get(2).map(|s| (*s).to_owned());
+                let Some((user, password)) = (match mechanism.as_str() {
+                    "PLAIN" => auth_plain(&mut lines, &mut write, initial).await,
+                    "LOGIN" => auth_login(&mut lines, &mut write, initial).await,
+                    _ => {
+                        if reply(&mut write, "504 5.5.4 Unrecognized authentication type").await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                }) else {
+                    return;
+                };
+                let mut s = state.lock().expect("state");
+                s.auth_attempts += 1;
+                if s.credentials.as_ref().is_some_and(|(u, p)| *u == user && *p == password) {
+                    auth_user = Some(user);
+                    auth_mechanism = Some(mechanism.clone());
+                    "235 2.7.0 Authentication successful".to_owned()
+                } else {
+                    "535 5.7.8 Authentication credentials invalid".to_owned()
+                }
+            }
+            "MAIL" => {
+                let needs_auth = state.lock().expect("state").credentials.is_some();
+                if needs_auth && auth_user.is_none() {
+                    "530 5.7.0 Authentication required".to_owned()
+                } else {
+                    tx = Transaction { from: Some(address(&line)), to: Vec::new() };
+                    "250 2.1.0 Ok".to_owned()
+                }
+            }
+            "RCPT" => {
+                if tx.from.is_none() {
+                    "503 5.5.1 Need MAIL before RCPT".to_owned()
+                } else {
+                    // A fault applies once per transaction, at its first recipient.
+                    match if tx.to.is_empty() { take_fault(&state) } else { Fault::None } {
+                        Fault::RcptTransient => "451 4.3.0 Mailbox temporarily unavailable, try again later".to_owned(),
+                        Fault::RcptPermanent => "550 5.1.1 Mailbox unavailable".to_owned(),
+                        _ => {
+                            tx.to.push(address(&line));
+                            "250 2.1.5 Ok".to_owned()
+                        }
+                    }
+                }
+            }
+            "DATA" => {
+                if tx.to.is_empty() {
+                    "503 5.5.1 Need RCPT before DATA".to_owned()
+                } else {
+                    if reply(&mut write, "354 End data with <CR><LF>.<CR><LF>").await.is_err() {
+                        return;
+                    }
+                    let mut data: Vec<String> = Vec::new();
+                    loop {
+                        let Some(l) = read_line(&mut lines).await else { return };
+                        if l == "." {
+                            break;
+                        }
+                        data.push(l.strip_prefix('.').map(str::to_owned).unwrap_or(l));
+                    }
+                    let done = std::mem::take(&mut tx);
+                    let mut s = state.lock().expect("state");
+                    s.messages.push(Received {
+                        from: done.from.unwrap_or_default(),
+                        to: done.to,
+                        data: data.join("\r\n"),
+                        auth_user: auth_user.clone(),
+                        auth_mechanism: auth_mechanism.clone(),
+                    });
+                    format!("250 2.0.0 Ok: queued as Q{}", s.messages.len())
+                }
+            }
+            "RSET" => {
+                tx = Transaction::default();
+                "250 2.0.0 Ok".to_owned()
+            }
+            "NOOP" => "250 2.0.0 Ok".to_owned(),
+            "STARTTLS" => "454 4.7.0 TLS not available".to_owned(),
+            "QUIT" => {
+                let _ = reply(&mut write, "221 2.0.0 Bye").await;
+                return;
+            }
+            _ => "502 5.5.2 Command not recognized".to_owned(),
+        };
+        if reply(&mut write, &answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The fault for the transaction starting now, counting it against skip/times.
+fn take_fault(state: &Arc<Mutex<State>>) -> Fault {
+    let mut s = state.lock().expect("state");
+    if matches!(s.fault, Fault::None | Fault::Down) {
+        return Fault::None;
+    }
+    if s.fault_skip > 0 {
+        s.fault_skip -= 1;
+        return Fault::None;
+    }
+    match s.fault_times {
+        Some(0) => Fault::None,
+        Some(n) => {
+            s.fault_times = Some(n - 1);
+            s.fault
+        }
+        None => s.fault,
+    }
+}
+
+/// `AUTH PLAIN [initial]`: `authzid \0 user \0 password`, base64.
+async fn auth_plain(
+    lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+    initial: Option<String>,
+) -> Option<(String, String)> {
+    let encoded = match initial {
+        Some(i) => i,
+        None => {
+            reply(write, "334 ").await.ok()?;
+            read_line(lines).await?
+        }
+    };
+    let decoded = decode64(&encoded);
+    let mut parts = decoded.split('\0').skip(1);
+    Some((parts.next().unwrap_or("").to_owned(), parts.next().unwrap_or("").to_owned()))
+}
+
+/// `AUTH LOGIN [user]`: user and password in turn, base64.
+async fn auth_login(
+    lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+    initial: Option<String>,
+) -> Option<(String, String)> {
+    let user = match initial {
+        Some(i) => i,
+        None => {
+            reply(write, "334 VXNlcm5hbWU6").await.ok()?;
+            read_line(lines).await?
+        }
+    };
+    reply(write, "334 UGFzc3dvcmQ6").await.ok()?;
+    let password = read_line(lines).await?;
+    Some((decode64(&user), decode64(&password)))
+}
+
+fn decode64(s: &str) -> String {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim()).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The address in `MAIL FROM:<a@b> …` / `RCPT TO:<a@b>`.
+fn address(line: &str) -> String {
+    match (line.find('<'), line.find('>')) {
+        (Some(start), Some(end)) if start < end => line[start + 1..end].to_owned(),
+        _ => line.split_once(':').map(|(_, a)| a.trim().to_owned()).unwrap_or_default(),
+    }
+}
+
+async fn read_line(lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Option<String> {
+    let mut buf = Vec::new();
+    match lines.read_until(b'\n', &mut buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            Some(text.trim_end_matches(['\r', '\n']).to_owned())
+        }
+    }
+}
+
+async fn reply(write: &mut OwnedWriteHalf, text: &str) -> std::io::Result<()> {
+    write.write_all(format!("{text}\r\n").as_bytes()).await?;
+    write.flush().await
+}
