@@ -402,14 +402,17 @@ impl Config {
             if e.smtp_host.trim().is_empty() {
                 out.push("email.smtp_host is empty".to_owned());
             }
-            if !e.from.contains('@') {
+            if e.from.parse::<lettre::message::Mailbox>().is_err() {
                 out.push(format!("email.from {:?} is not an address", e.from));
             }
             if e.to.is_empty() {
                 out.push("email.to must list at least one address".to_owned());
             }
-            for to in e.to.iter().filter(|t| !t.contains('@')) {
+            for to in e.to.iter().filter(|t| t.parse::<lettre::message::Mailbox>().is_err()) {
                 out.push(format!("email.to {to:?} is not an address"));
+            }
+            if e.timeout.is_zero() {
+                out.push("email.timeout must be above 0".to_owned());
             }
             if e.timezone.parse::<chrono_tz::Tz>().is_err() {
                 out.push(format!("email.timezone {:?} is not an IANA zone name", e.timezone));

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use optout_relay::config::Config;
 use optout_relay::domain::{parse_region, EventKind, Phone};
 use optout_relay::ops;
+use optout_relay::sinks::redcap::RedcapSink;
 use optout_relay::startup::Application;
 use optout_relay::store::Store;
 use tokio_util::sync::CancellationToken;
@@ -125,7 +126,27 @@ async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_config(config: Config) -> anyhow::Result<ExitCode> {
-    let problems = config.problems();
+    let mut problems = config.problems();
+    let mut lines = Vec::new();
+    // Only a config that is valid by itself is worth testing against REDCap.
+    if problems.is_empty() {
+        if let (Some(cfg), Some(region)) = (&config.redcap, parse_region(&config.keywords.default_region)) {
+            match RedcapSink::new(cfg, region) {
+                Ok(sink) => {
+                    for line in sink.check().await {
+                        if !line.ok {
+                            problems.push(format!("redcap: {}", line.message));
+                        }
+                        lines.push(line);
+                    }
+                }
+                Err(e) => problems.push(format!("redcap: {e}")),
+            }
+        }
+    }
+    for line in &lines {
+        println!("{} {}", if line.ok { "ok  " } else { "FAIL" }, line.message);
+    }
     if problems.is_empty() {
         println!("configuration OK");
         return Ok(ExitCode::SUCCESS);

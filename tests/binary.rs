@@ -150,3 +150,45 @@ fn migrate_creates_the_schema_and_is_idempotent() {
     }
     assert!(dir.path().join("optout-relay.db").exists());
 }
+
+#[test]
+fn check_config_asks_redcap_and_refuses_a_date_only_field() {
+    use common::fake_redcap::{FakeProject, FakeRedcap};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let token = "0123456789ABCDEF0123456789ABCDEF";
+    let good = rt.block_on(FakeRedcap::start(FakeProject::new(
+        token,
+        &[("record_id", "f", ""), ("phone", "f", ""), ("opted_out_at", "f", "datetime_ymd")],
+    )));
+    let date_only = rt.block_on(FakeRedcap::start(FakeProject::new(
+        token,
+        &[("record_id", "f", ""), ("phone", "f", ""), ("opted_out_at", "f", "date_ymd")],
+    )));
+    let dir = tempfile::tempdir().unwrap();
+    let run = |url: &str, tok: &str| {
+        command(dir.path(), free_port())
+            .env("OPTOUT_RELAY__REDCAP__URL", url)
+            .env("OPTOUT_RELAY__REDCAP__TOKEN", tok)
+            .env("OPTOUT_RELAY__REDCAP__PHONE_FIELD", "phone")
+            .env("OPTOUT_RELAY__REDCAP__OPTOUT_FIELD", "opted_out_at")
+            .arg("check-config")
+            .output()
+            .unwrap()
+    };
+    let out = run(&good.url, token);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("configuration OK"), "{text}");
+    assert!(!text.contains(token), "token printed: {text}");
+
+    let out = run(&date_only.url, token);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("FAIL"), "{text}");
+
+    let out = run(&good.url, "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "a refused token fails the check: {text}");
+    assert!(!text.contains("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"), "token printed: {text}");
+    drop(rt);
+}

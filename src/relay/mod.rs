@@ -61,7 +61,7 @@ impl Worker {
         tracing::debug!(owner = %self.owner, "relay worker started");
         let mut store_backoff = self.policy.poll_interval;
         while !shutdown.is_cancelled() {
-            let idle = match self.store.claim(self.sink.name(), &self.owner, self.policy.batch_size, self.policy.lease, self.sink.reports_on_others()).await {
+            let idle = match self.store.claim(self.sink.name(), &self.owner, self.sink.batch_size(self.policy.batch_size), self.policy.lease, self.sink.reports_on_others()).await {
                 Ok(batch) if batch.is_empty() => self.policy.poll_interval,
                 Ok(batch) => {
                     store_backoff = self.policy.poll_interval;
@@ -84,7 +84,10 @@ impl Worker {
     }
 
     async fn deliver(&self, batch: Vec<ClaimedDelivery>) {
-        let (superseded, due): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.superseded);
+        // Superseding protects state (a field stamped then cleared); a report
+        // of what happened is still worth sending, so report sinks ignore it.
+        let reports = self.sink.reports_on_others();
+        let (superseded, due): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.superseded && !reports);
         metrics::attempts(self.sink.name(), (superseded.len() + due.len()) as u64);
         metrics::delivery(self.sink.name(), "superseded", superseded.len() as u64);
         for d in &superseded {

@@ -50,7 +50,9 @@ pub fn after_failure(
     if u32::try_from(attempts).unwrap_or(0) >= policy.max_attempts {
         return Settle::Dead(format!("gave up after {attempts} attempts: {message}"));
     }
-    if age >= policy.max_age {
+    // By age only after a second try: a delivery that waited long before its
+    // first attempt (an email waiting on REDCap) still gets a real retry.
+    if age >= policy.max_age && attempts > 1 {
         return Settle::Dead(format!("gave up after {}: {message}", humantime::format_duration(policy.max_age)));
     }
     let delay = jitter(base_delay(policy, attempts, error), unit);
@@ -112,7 +114,8 @@ mod tests {
         assert!(matches!(after_failure(&p, 9, now, now, &transient(None), 0.5), Settle::Retry { .. }));
         assert!(matches!(after_failure(&p, 10, now, now, &transient(None), 0.5), Settle::Dead(_)));
         let old = now - chrono::Duration::hours(2);
-        assert!(matches!(after_failure(&p, 1, old, now, &transient(None), 0.5), Settle::Dead(_)));
+        assert!(matches!(after_failure(&p, 2, old, now, &transient(None), 0.5), Settle::Dead(_)));
+        assert!(matches!(after_failure(&p, 1, old, now, &transient(None), 0.5), Settle::Retry { .. }), "first failure always retried");
         match after_failure(&p, 2, now, now, &transient(None), 0.5) {
             Settle::Retry { at, error } => {
                 assert_eq!((at - now).num_seconds(), 10);

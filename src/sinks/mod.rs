@@ -54,6 +54,15 @@ impl Sink {
         }
     }
 
+    /// How many deliveries to claim at once. Email sends one message per
+    /// delivery, so its batches stay small enough to finish well inside a lease.
+    pub fn batch_size(&self, configured: u32) -> u32 {
+        match self {
+            Sink::Redcap(_) => configured,
+            Sink::Email(_) => configured.min(20),
+        }
+    }
+
     /// Whether this sink reports what the other sinks did with an event (and
     /// so waits for them).
     pub fn reports_on_others(&self) -> bool {

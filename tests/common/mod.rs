@@ -3,6 +3,8 @@
 //! test), driven over real HTTP.
 #![allow(dead_code)]
 
+pub mod fake_redcap;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,800 @@
+//! The REDCap sink against the in-process fake REDCap: what ends up stored
+//! in the project, which calls were made, and how failures are classified.
+
+#[path = "common/fake_redcap.rs"]
+mod fake_redcap;
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use fake_redcap::{CallKind, FakeProject, FakeRedcap, Fault};
+use optout_relay::config::{RedcapConfig, TimestampFormat};
+use optout_relay::domain::{EventKind, Phone};
+use optout_relay::sinks::redcap::RedcapSink;
+use optout_relay::sinks::{DeliveryItem, SinkError};
+use phonenumber::country;
+use secrecy::SecretString;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "0123456789ABCDEF0123456789ABCDEF";
+
+/// A classic project whose record-id field is `study_id`, not `record_id`.
+fn classic(optout_validation: &str) -> FakeProject {
+    FakeProject::new(
+        TOKEN,
+        &[
+            ("study_id", "enrolment", ""),
+            ("first_name", "enrolment", ""),
+            ("mobile", "contact", ""),
+            ("optout_at", "contact", optout_validation),
+            ("notes", "contact", ""),
+        ],
+    )
+}
+
+fn config(url: &str, edit: impl FnOnce(&mut RedcapConfig)) -> RedcapConfig {
+    let mut c = RedcapConfig {
+        url: url.to_owned(),
+        token: SecretString::from(TOKEN),
+        phone_field: "mobile".into(),
+        phone_event: None,
+        optout_field: "optout_at".into(),
+        optout_event: None,
+        timezone: "America/New_York".into(),
+        timestamp_format: TimestampFormat::Auto,
+        request_timeout: Duration::from_secs(5),
+        max_calls_per_minute: 600,
+    };
+    edit(&mut c);
+    c
+}
+
+fn sink(fake: &FakeRedcap, edit: impl FnOnce(&mut RedcapConfig)) -> RedcapSink {
+    RedcapSink::new(&config(&fake.url, edit), country::Id::US).expect("sink builds")
+}
+
+/// 2026-11-23 14:15:07 UTC = 09:15:07 in New York (EST, UTC-5).
+fn november() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 23, 14, 15, 7).unwrap()
+}
+
+fn item(id: i64, e164: &str, kind: EventKind, at: DateTime<Utc>) -> DeliveryItem {
+    DeliveryItem { id, event_id: id, phone: Phone::from_stored(e164.to_owned()), kind, received_at: at }
+}
+
+fn opt_out(id: i64, e164: &str) -> DeliveryItem {
+    item(id, e164, EventKind::OptOut, november())
+}
+
+fn opt_in(id: i64, e164: &str) -> DeliveryItem {
+    item(id, e164, EventKind::OptIn, november())
+}
+
+fn records(result: &Value) -> Vec<String> {
+    result["records"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+}
+
+/// The rows the sink sent in its import(s).
+fn imported_rows(fake: &FakeRedcap) -> Vec<Value> {
+    fake.call_log()
+        .iter()
+        .filter(|c| c.kind == CallKind::Import)
+        .flat_map(|c| serde_json::from_str::<Vec<Value>>(c.param("data").unwrap()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_phone_format_is_matched_and_stamped_in_the_project_zone() {
+    let formats = ["(415) 555-0101", "415-555-0101", "4155550101", "+1 415 555 0101", "1-415-555-0101", "415.555.0101"];
+    let mut project = classic("datetime_seconds_ymd");
+    for (i, f) in formats.iter().enumerate() {
+        project = project.with_record(&format!("S-{i}"), None, &[("mobile", f), ("first_name", "Ada")]);
+    }
+    project = project.with_record("other", None, &[("mobile", "415-555-0102"), ("first_name", "Bob")]).with_record(
+        "blank",
+        None,
+        &[("first_name", "Cy")],
+    );
+    let fake = FakeRedcap::start(project).await;
+    let sink = sink(&fake, |_| {});
+
+    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+
+    assert_eq!(out.len(), 1);
+    let want: Vec<String> = (0..formats.len()).map(|i| format!("S-{i}")).collect();
+    assert_eq!(records(&out[0]), want);
+    assert_eq!(out[0]["value"], "2026-11-23 09:15:07");
+    assert!(out[0].get("events").is_none(), "classic project: {}", out[0]);
+    for r in &want {
+        assert_eq!(fake.value(r, None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"), "{r}");
+        assert_eq!(fake.value(r, None, "first_name").as_deref(), Some("Ada"), "{r}");
+    }
+    assert_eq!(fake.value("other", None, "optout_at").as_deref(), Some(""));
+    assert_eq!(fake.value("blank", None, "optout_at").as_deref(), Some(""));
+    assert_eq!(fake.record_count(), formats.len() + 2);
+
+    // One metadata read, one export, one import; every call JSON, no filterLogic.
+    assert_eq!(fake.calls_of(CallKind::Metadata), 1);
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+    assert_eq!(fake.calls(), 3);
+    for call in fake.call_log() {
+        assert_eq!(call.param("format"), Some("json"));
+        assert_eq!(call.param("returnFormat"), Some("json"));
+        assert!(!call.has_param("filterLogic"));
+    }
+    let log = fake.call_log();
+    let export = log.iter().find(|c| c.kind == CallKind::Export).unwrap();
+    assert_eq!(export.param("fields[0]"), Some("study_id"));
+    assert_eq!(export.param("fields[1]"), Some("mobile"));
+    assert!(!export.has_param("events[0]"));
+    let import = log.iter().find(|c| c.kind == CallKind::Import).unwrap();
+    assert_eq!(import.param("overwriteBehavior"), Some("overwrite"));
+    assert_eq!(import.param("type"), Some("flat"));
+    // Each row carries only the record id and the opt-out field.
+    for row in imported_rows(&fake) {
+        let keys: Vec<&String> = row.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["optout_at", "study_id"]);
+    }
+}
+
+#[tokio::test]
+async fn the_timestamp_follows_the_field_validation_the_format_and_daylight_saving() {
+    // (validation, configured format, expected) for 2026-07-01 16:00:30 UTC = 12:00:30 EDT.
+    let july = Utc.with_ymd_and_hms(2026, 7, 1, 16, 0, 30).unwrap();
+    for (validation, format, want) in [
+        ("datetime_ymd", TimestampFormat::Auto, "2026-07-01 12:00"),
+        ("datetime_mdy", TimestampFormat::Auto, "2026-07-01 12:00"),
+        ("datetime_dmy", TimestampFormat::Auto, "2026-07-01 12:00"),
+        ("datetime_seconds_mdy", TimestampFormat::Auto, "2026-07-01 12:00:30"),
+        ("", TimestampFormat::Auto, "2026-07-01 12:00:30"),
+        ("", TimestampFormat::Minutes, "2026-07-01 12:00"),
+        ("datetime_seconds_ymd", TimestampFormat::Minutes, "2026-07-01 12:00:00"),
+    ] {
+        let fake = FakeRedcap::start(classic(validation).with_record("1", None, &[("mobile", "4155550101")])).await;
+        let sink = sink(&fake, |c| c.timestamp_format = format);
+        let out = sink.apply(&[item(1, "+14155550101", EventKind::OptOut, july)]).await.unwrap();
+        // What REDCap stores (the fake normalises datetimes as REDCap does).
+        assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(want), "{validation} {format:?}");
+        assert_eq!(out[0]["records"], json!(["1"]));
+    }
+
+    // Another zone, in winter.
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |c| c.timezone = "Europe/Paris".into());
+    sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 15:15:07"));
+}
+
+#[tokio::test]
+async fn several_records_with_the_number_are_all_stamped() {
+    let fake = FakeRedcap::start(
+        classic("datetime_ymd")
+            .with_record("10", None, &[("mobile", "(415) 555-0101")])
+            .with_record("11", None, &[("mobile", "415-555-0199")])
+            .with_record("12", None, &[("mobile", "+14155550101")]),
+    )
+    .await;
+    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    assert_eq!(records(&out[0]), ["10", "12"]);
+    assert_eq!(out[0]["matched"], 2);
+    assert_eq!(fake.value("10", None, "optout_at").as_deref(), Some("2026-11-23 09:15"));
+    assert_eq!(fake.value("12", None, "optout_at").as_deref(), Some("2026-11-23 09:15"));
+    assert_eq!(fake.value("11", None, "optout_at").as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn no_match_is_success_and_makes_no_import() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "415-555-0102")])).await;
+    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101"), opt_in(2, "+14155550103")]).await.unwrap();
+    assert_eq!(out, [json!({"records": [], "matched": 0}), json!({"records": [], "matched": 0})]);
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+    assert_eq!(fake.record_count(), 1);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn blank_phone_fields_are_never_stamped_whatever_the_number() {
+    // The module this replaces stamped every blank-phone record for a short code.
+    let fake = FakeRedcap::start(
+        classic("")
+            .with_record("1", None, &[("first_name", "no phone at all")])
+            .with_record("2", None, &[("mobile", " ")])
+            .with_record("3", None, &[("mobile", "12345")])
+            .with_record("4", None, &[("mobile", "n/a")]),
+    )
+    .await;
+    let short_code = Phone::parse("12345", country::Id::US).unwrap();
+    let items = [
+        item(1, short_code.as_str(), EventKind::OptOut, november()),
+        opt_out(2, "+442079460958"),
+        opt_out(3, ""),
+        opt_out(4, "+12345"),
+    ];
+    let out = sink(&fake, |_| {}).apply(&items).await.unwrap();
+    assert!(out.iter().all(|r| r["matched"] == 0), "{out:?}");
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+    for r in ["1", "2", "3", "4"] {
+        assert_eq!(fake.value(r, None, "optout_at").as_deref(), Some(""), "{r}");
+    }
+}
+
+#[tokio::test]
+async fn opt_in_clears_the_field_and_touches_nothing_else() {
+    let fake = FakeRedcap::start(
+        classic("datetime_seconds_ymd")
+            .with_record(
+                "1",
+                None,
+                &[("mobile", "415.555.0101"), ("optout_at", "2026-01-01 08:00:00"), ("notes", "keep me")],
+            )
+            .with_record("2", None, &[("mobile", "415.555.0102"), ("optout_at", "2026-01-02 08:00:00")]),
+    )
+    .await;
+    let out = sink(&fake, |_| {}).apply(&[opt_in(9, "+14155550101")]).await.unwrap();
+    assert_eq!(out[0]["records"], json!(["1"]));
+    assert_eq!(out[0]["value"], "");
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
+    assert_eq!(fake.value("1", None, "notes").as_deref(), Some("keep me"));
+    assert_eq!(fake.value("1", None, "mobile").as_deref(), Some("415.555.0101"));
+    assert_eq!(fake.value("2", None, "optout_at").as_deref(), Some("2026-01-02 08:00:00"));
+    assert_eq!(fake.record_count(), 2);
+}
+
+#[tokio::test]
+async fn a_mixed_batch_gets_one_result_per_item_in_order() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")]).with_record(
+        "2",
+        None,
+        &[("mobile", "4155550102"), ("optout_at", "2026-01-01 00:00:00")],
+    ))
+    .await;
+    let help = item(3, "+14155550101", EventKind::Help, november());
+    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101"), opt_in(2, "+14155550102"), help]).await.unwrap();
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[0], json!({"records": ["1"], "matched": 1, "value": "2026-11-23 09:15:07"}));
+    assert_eq!(out[1], json!({"records": ["2"], "matched": 1, "value": ""}));
+    assert_eq!(out[2]["records"], json!([]));
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+    assert_eq!(fake.value("2", None, "optout_at").as_deref(), Some(""));
+    assert_eq!(imported_rows(&fake).len(), 2);
+}
+
+const EVENTS: [&str; 3] = ["enrolment_arm_1", "followup_arm_1", "consent_arm_1"];
+
+fn longitudinal() -> FakeProject {
+    classic("datetime_ymd")
+        .with_events(&EVENTS)
+        .with_record("1", Some("enrolment_arm_1"), &[("mobile", "415-555-0101"), ("first_name", "Ada")])
+        .with_record("1", Some("followup_arm_1"), &[("notes", "visit 2")])
+        // Record 2 has the number only in the follow-up event.
+        .with_record("2", Some("enrolment_arm_1"), &[("mobile", "")])
+        .with_record("2", Some("followup_arm_1"), &[("mobile", "(415) 555-0101")])
+}
+
+#[tokio::test]
+async fn longitudinal_with_phone_event_and_optout_event() {
+    let fake = FakeRedcap::start(longitudinal()).await;
+    let sink = sink(&fake, |c| {
+        c.phone_event = Some("enrolment_arm_1".into());
+        c.optout_event = Some("consent_arm_1".into());
+    });
+    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    // Only the enrolment phone is read: record 2's follow-up number is not.
+    assert_eq!(
+        out[0],
+        json!({"records": ["1"], "matched": 1, "events": ["consent_arm_1"], "value": "2026-11-23 09:15"})
+    );
+    assert_eq!(fake.value("1", Some("consent_arm_1"), "optout_at").as_deref(), Some("2026-11-23 09:15"));
+    assert_eq!(fake.value("1", Some("enrolment_arm_1"), "optout_at").as_deref(), Some(""));
+    assert_eq!(fake.value("1", Some("enrolment_arm_1"), "first_name").as_deref(), Some("Ada"));
+    assert_eq!(fake.value("2", Some("consent_arm_1"), "optout_at"), None);
+    let log = fake.call_log();
+    let export = log.iter().find(|c| c.kind == CallKind::Export).unwrap();
+    assert_eq!(export.param("events[0]"), Some("enrolment_arm_1"));
+}
+
+#[tokio::test]
+async fn longitudinal_with_phone_event_only_writes_in_that_event() {
+    let fake = FakeRedcap::start(longitudinal()).await;
+    let sink = sink(&fake, |c| c.phone_event = Some("followup_arm_1".into()));
+    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    assert_eq!(out[0]["records"], json!(["2"]));
+    assert_eq!(out[0]["events"], json!(["followup_arm_1"]));
+    assert_eq!(fake.value("2", Some("followup_arm_1"), "optout_at").as_deref(), Some("2026-11-23 09:15"));
+    assert_eq!(fake.value("1", Some("followup_arm_1"), "optout_at").as_deref(), Some(""));
+    assert_eq!(fake.value("1", Some("followup_arm_1"), "notes").as_deref(), Some("visit 2"));
+}
+
+#[tokio::test]
+async fn longitudinal_without_events_reads_every_event_and_writes_where_the_phone_matched() {
+    let fake = FakeRedcap::start(longitudinal()).await;
+    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    assert_eq!(out[0]["records"], json!(["1", "2"]));
+    assert_eq!(out[0]["events"], json!(["enrolment_arm_1", "followup_arm_1"]));
+    assert_eq!(fake.value("1", Some("enrolment_arm_1"), "optout_at").as_deref(), Some("2026-11-23 09:15"));
+    assert_eq!(fake.value("2", Some("followup_arm_1"), "optout_at").as_deref(), Some("2026-11-23 09:15"));
+    assert_eq!(fake.value("1", Some("followup_arm_1"), "optout_at").as_deref(), Some(""));
+    assert_eq!(fake.value("2", Some("enrolment_arm_1"), "optout_at").as_deref(), Some(""));
+    let log = fake.call_log();
+    assert!(!log.iter().find(|c| c.kind == CallKind::Export).unwrap().has_param("events[0]"));
+}
+
+#[tokio::test]
+async fn longitudinal_optout_event_gets_one_write_per_record() {
+    // Record 1 has the number in two events; the opt-out event is written once.
+    let project = longitudinal().with_record("1", Some("followup_arm_1"), &[("mobile", "4155550101")]);
+    let fake = FakeRedcap::start(project).await;
+    let sink = sink(&fake, |c| c.optout_event = Some("consent_arm_1".into()));
+    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    assert_eq!(out[0]["records"], json!(["1", "2"]));
+    assert_eq!(out[0]["events"], json!(["consent_arm_1"]));
+    let rows = imported_rows(&fake);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r["redcap_event_name"] == "consent_arm_1"));
+    for r in ["1", "2"] {
+        assert_eq!(fake.value(r, Some("consent_arm_1"), "optout_at").as_deref(), Some("2026-11-23 09:15"));
+    }
+    // Then an opt-in clears it again.
+    sink.apply(&[opt_in(2, "+14155550101")]).await.unwrap();
+    for r in ["1", "2"] {
+        assert_eq!(fake.value(r, Some("consent_arm_1"), "optout_at").as_deref(), Some(""));
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_event_is_misconfigured() {
+    let fake = FakeRedcap::start(longitudinal()).await;
+    let sink = sink(&fake, |c| c.phone_event = Some("baseline_arm_9".into()));
+    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+        Err(SinkError::Misconfigured(m)) => assert!(m.contains("baseline_arm_9"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+}
+
+#[tokio::test]
+async fn a_500_is_transient() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    fake.set_fault(Fault::Status500);
+    let sink = sink(&fake, |_| {});
+    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+        Err(SinkError::Transient { message, retry_after }) => {
+            assert!(message.contains("500"), "{message}");
+            assert_eq!(retry_after, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Once REDCap is back the same batch goes through.
+    fake.set_fault(Fault::None);
+    sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+}
+
+#[tokio::test]
+async fn a_timeout_is_transient() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    fake.set_fault(Fault::Timeout(Duration::from_secs(5)));
+    let sink = sink(&fake, |c| c.request_timeout = Duration::from_millis(300));
+    let started = Instant::now();
+    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+        Err(SinkError::Transient { message, .. }) => assert!(message.contains("did not answer"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_redcap_is_transient() {
+    let fake = FakeRedcap::start(classic("")).await;
+    let url = fake.url.clone();
+    drop(fake);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let sink = RedcapSink::new(&config(&url, |_| {}), country::Id::US).unwrap();
+    assert!(matches!(sink.apply(&[opt_out(1, "+14155550101")]).await, Err(SinkError::Transient { .. })));
+}
+
+#[tokio::test]
+async fn a_refused_token_is_misconfigured_and_never_echoed() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    fake.set_fault(Fault::BadToken);
+    let sink = sink(&fake, |_| {});
+    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+        Err(SinkError::Misconfigured(m)) => {
+            assert!(m.starts_with("REDCap refused the API token (403): You do not have permissions"), "{m}");
+            assert!(!m.contains(TOKEN));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A real token mismatch reads the same.
+    fake.set_fault(Fault::None);
+    fake.set_token("ZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZ");
+    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+        Err(SinkError::Misconfigured(m)) => assert!(m.contains("403") && !m.contains(TOKEN), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn a_429_is_transient_with_retry_after() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    fake.set_fault(Fault::Status429);
+    match sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101")]).await {
+        Err(SinkError::Transient { message, retry_after }) => {
+            assert_eq!(retry_after, Some(Duration::from_secs(60)));
+            assert!(message.contains("429"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // No hammering: the one refused call is all that was made.
+    assert_eq!(fake.calls(), 1);
+}
+
+#[tokio::test]
+async fn unknown_fields_are_misconfigured() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    match sink(&fake, |c| c.optout_field = "opted_out".into()).apply(&[opt_out(1, "+14155550101")]).await {
+        Err(SinkError::Misconfigured(m)) => assert!(m.contains("opted_out"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    match sink(&fake, |c| c.phone_field = "cell".into()).apply(&[opt_out(1, "+14155550101")]).await {
+        Err(SinkError::Misconfigured(m)) => assert!(m.contains("cell"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Caught from the metadata, before any record is read or written.
+    assert_eq!(fake.calls_of(CallKind::Export), 0);
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+}
+
+#[tokio::test]
+async fn a_date_only_field_is_misconfigured() {
+    for validation in ["date_ymd", "date_mdy", "date_dmy"] {
+        let fake = FakeRedcap::start(classic(validation).with_record("1", None, &[("mobile", "4155550101")])).await;
+        for format in [TimestampFormat::Auto, TimestampFormat::Minutes] {
+            match sink(&fake, |c| c.timestamp_format = format).apply(&[opt_out(1, "+14155550101")]).await {
+                Err(SinkError::Misconfigured(m)) => assert!(m.contains(validation) && m.contains("date-only"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(fake.calls_of(CallKind::Import), 0);
+        assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
+    }
+}
+
+#[tokio::test]
+async fn the_record_id_field_comes_from_the_metadata() {
+    let fake = FakeRedcap::start(
+        FakeProject::new(
+            TOKEN,
+            &[("participant_code", "intake", ""), ("phone_cell", "intake", ""), ("sms_stop", "sms", "")],
+        )
+        .with_record("P-0042", None, &[("phone_cell", "415 555 0101")]),
+    )
+    .await;
+    let sink = sink(&fake, |c| {
+        c.phone_field = "phone_cell".into();
+        c.optout_field = "sms_stop".into();
+    });
+    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    assert_eq!(out[0]["records"], json!(["P-0042"]));
+    assert_eq!(fake.value("P-0042", None, "sms_stop").as_deref(), Some("2026-11-23 09:15:07"));
+    assert_eq!(imported_rows(&fake), [json!({"participant_code": "P-0042", "sms_stop": "2026-11-23 09:15:07"})]);
+    assert_eq!(fake.record_count(), 1);
+}
+
+/// 500 distinct valid US numbers.
+fn numbers(n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            let typed = format!("(415) {}-{:04}", 230 + i / 100, 1000 + i % 100);
+            let e164 = Phone::parse_valid(&typed, country::Id::US).unwrap_or_else(|| panic!("{typed} must be valid"));
+            (typed, e164.as_str().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_of_500_costs_one_export_and_one_import() {
+    let nums = numbers(1000);
+    let mut project = classic("datetime_seconds_ymd");
+    for (i, (typed, _)) in nums.iter().enumerate() {
+        project = project.with_record(&(i + 1).to_string(), None, &[("mobile", typed)]);
+    }
+    let fake = FakeRedcap::start(project).await;
+    let sink = sink(&fake, |_| {});
+    // Every other record's number opts out.
+    let items: Vec<DeliveryItem> = (0..500).map(|k| opt_out(k as i64, &nums[2 * k].1)).collect();
+
+    let out = sink.apply(&items).await.unwrap();
+
+    assert_eq!(out.len(), 500);
+    for (k, r) in out.iter().enumerate() {
+        assert_eq!(r["records"], json!([(2 * k + 1).to_string()]), "item {k}");
+    }
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+    assert_eq!(fake.calls_of(CallKind::Metadata), 1);
+    assert_eq!(fake.calls(), 3);
+    for i in 0..1000 {
+        let want = if i % 2 == 0 { "2026-11-23 09:15:07" } else { "" };
+        assert_eq!(fake.value(&(i + 1).to_string(), None, "optout_at").as_deref(), Some(want), "record {}", i + 1);
+    }
+
+    // The next batch reuses the cached metadata: two record calls only.
+    let items: Vec<DeliveryItem> = (0..500).map(|k| opt_in(k as i64, &nums[2 * k].1)).collect();
+    sink.apply(&items).await.unwrap();
+    assert_eq!(fake.calls_of(CallKind::Metadata), 1);
+    assert_eq!(fake.calls(), 5);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn the_rate_limiter_spaces_every_call() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    // 600/min: one call per 100 ms.
+    let sink = sink(&fake, |c| c.max_calls_per_minute = 600);
+    let started = Instant::now();
+    sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    assert_eq!(fake.calls(), 3);
+    assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+
+    // Clones share the budget: two concurrent batches (2 calls each) take 3 more slots after the last one.
+    let other = sink.clone();
+    let started = Instant::now();
+    let (first, second) = ([opt_in(2, "+14155550101")], [opt_out(3, "+14155550101")]);
+    let (a, b) = tokio::join!(sink.apply(&first), other.apply(&second));
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(fake.calls(), 7);
+    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+
+    // check-config goes through the same limiter.
+    let started = Instant::now();
+    let lines = sink.check().await;
+    assert!(lines.iter().all(|l| l.ok), "{lines:?}");
+    let made = fake.calls() - 7;
+    assert!(made >= 3, "{made}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(100 * (made as u64 - 1)),
+        "{made} calls in {:?}",
+        started.elapsed()
+    );
+}
+
+fn messages(lines: &[optout_relay::sinks::redcap::CheckLine]) -> String {
+    lines.iter().map(|l| format!("{} {}\n", if l.ok { "ok  " } else { "FAIL" }, l.message)).collect()
+}
+
+#[tokio::test]
+async fn check_reports_every_fact_of_a_good_configuration() {
+    let fake =
+        FakeRedcap::start(classic("datetime_ymd").with_record("1", None, &[("mobile", "4155550101")]).with_record(
+            "2",
+            None,
+            &[("mobile", "")],
+        ))
+        .await;
+    let lines = sink(&fake, |_| {}).check().await;
+    let text = messages(&lines);
+    assert!(lines.iter().all(|l| l.ok), "{text}");
+    for needle in [
+        "accepted the API token",
+        "`study_id`",
+        "phone field `mobile`",
+        "opt-out field `optout_at`",
+        "datetime_ymd",
+        "classic",
+        "2 row(s), 1 with a valid phone",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    assert!(!text.contains(TOKEN));
+    // check never writes.
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+}
+
+#[tokio::test]
+async fn check_flags_a_date_only_field_and_a_missing_phone_field() {
+    let fake = FakeRedcap::start(classic("date_mdy")).await;
+    let lines = sink(&fake, |c| c.phone_field = "cell".into()).check().await;
+    let text = messages(&lines);
+    let failing: Vec<&str> = lines.iter().filter(|l| !l.ok).map(|l| l.message.as_str()).collect();
+    assert_eq!(failing.len(), 2, "{text}");
+    assert!(failing.iter().any(|m| m.contains("cell")), "{text}");
+    assert!(failing.iter().any(|m| m.contains("date_mdy") && m.contains("date-only")), "{text}");
+}
+
+#[tokio::test]
+async fn check_verifies_configured_events_of_a_longitudinal_project() {
+    let fake = FakeRedcap::start(longitudinal()).await;
+    let lines = sink(&fake, |c| {
+        c.phone_event = Some("enrolment_arm_1".into());
+        c.optout_event = Some("consent_arm_9".into());
+    })
+    .check()
+    .await;
+    let text = messages(&lines);
+    assert!(lines.iter().any(|l| l.ok && l.message.contains("phone_event `enrolment_arm_1` exists")), "{text}");
+    let failing: Vec<&str> = lines.iter().filter(|l| !l.ok).map(|l| l.message.as_str()).collect();
+    assert_eq!(failing.len(), 1, "{text}");
+    assert!(failing[0].contains("consent_arm_9"), "{text}");
+    assert_eq!(fake.calls_of(CallKind::Event), 1);
+
+    // Longitudinal without phone_event is fine: every event is read.
+    let lines = sink(&fake, |_| {}).check().await;
+    let text = messages(&lines);
+    assert!(lines.iter().all(|l| l.ok), "{text}");
+    assert!(text.contains("phone field is read in every event"), "{text}");
+}
+
+#[tokio::test]
+async fn check_stops_at_a_refused_token() {
+    let fake = FakeRedcap::start(classic("")).await;
+    fake.set_fault(Fault::BadToken);
+    let lines = sink(&fake, |_| {}).check().await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(!lines[0].ok);
+    assert!(lines[0].message.contains("403") && !lines[0].message.contains(TOKEN), "{}", lines[0].message);
+}
+
+#[tokio::test]
+async fn check_flags_events_configured_on_a_classic_project() {
+    let fake = FakeRedcap::start(classic("")).await;
+    let lines = sink(&fake, |c| c.optout_event = Some("consent_arm_1".into())).check().await;
+    let failing: Vec<&str> = lines.iter().filter(|l| !l.ok).map(|l| l.message.as_str()).collect();
+    assert_eq!(failing.len(), 1, "{lines:?}");
+    assert!(failing[0].contains("not longitudinal"), "{}", failing[0]);
+    assert_eq!(fake.calls_of(CallKind::Event), 0);
+}
+
+// The fake itself: the benchmark and the tests above rely on it behaving like REDCap.
+
+async fn post(fake: &FakeRedcap, params: &[(&str, &str)]) -> (u16, String) {
+    let mut form = vec![("token", TOKEN), ("format", "json"), ("returnFormat", "json")];
+    form.extend_from_slice(params);
+    let res = reqwest::Client::new().post(&fake.url).form(&form).send().await.unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn the_fake_follows_the_api_rules() {
+    optout_relay::install_tls_provider();
+    let fake = FakeRedcap::start(
+        classic("datetime_ymd").with_record("1", None, &[("mobile", "415-555-0101"), ("notes", "n1")]).with_record(
+            "2",
+            None,
+            &[("mobile", "(650) 380-3405")],
+        ),
+    )
+    .await;
+    // The record id only when asked for.
+    let (s, body) = post(&fake, &[("content", "record"), ("type", "flat"), ("fields[0]", "mobile")]).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!([{"mobile": "415-555-0101"}, {"mobile": "(650) 380-3405"}])
+    );
+    // Comma lists, filterLogic.
+    let (_, body) = post(
+        &fake,
+        &[
+            ("content", "record"),
+            ("fields", "study_id,notes"),
+            ("filterLogic", "[mobile] = '(650) 380-3405' or [notes] <> ''"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!([{"study_id": "1", "notes": "n1"}, {"study_id": "2", "notes": ""}])
+    );
+    let (_, body) = post(
+        &fake,
+        &[("content", "record"), ("fields[]", "study_id"), ("filterLogic", "[mobile] = '' and [notes] = 'x'")],
+    )
+    .await;
+    assert_eq!(body, "[]");
+    // Unknown field.
+    let (s, body) = post(&fake, &[("content", "record"), ("fields[0]", "nope")]).await;
+    assert_eq!(
+        (s, body.as_str()),
+        (400, r#"{"error":"The following values in the parameter \"fields\" are not valid: 'nope'"}"#)
+    );
+    // Normal import ignores blanks; overwrite clears; an unknown id creates a record.
+    let (s, body) = post(
+        &fake,
+        &[("content", "record"), ("data", r#"[{"study_id":"1","notes":""},{"study_id":"3","notes":"new"}]"#)],
+    )
+    .await;
+    assert_eq!((s, body.as_str()), (200, r#"{"count":2}"#));
+    assert_eq!(fake.value("1", None, "notes").as_deref(), Some("n1"));
+    assert_eq!(fake.value("3", None, "notes").as_deref(), Some("new"));
+    assert_eq!(fake.record_count(), 3);
+    let (_, body) = post(
+        &fake,
+        &[
+            ("content", "record"),
+            ("overwriteBehavior", "overwrite"),
+            ("returnContent", "ids"),
+            ("data", r#"[{"study_id":"1","notes":""}]"#),
+        ],
+    )
+    .await;
+    assert_eq!(body, r#"["1"]"#);
+    assert_eq!(fake.value("1", None, "notes").as_deref(), Some(""));
+    assert_eq!(fake.value("1", None, "mobile").as_deref(), Some("415-555-0101"));
+    // Datetime validation on import.
+    let (s, body) =
+        post(&fake, &[("content", "record"), ("data", r#"[{"study_id":"1","optout_at":"11/23/2026 09:15"}]"#)]).await;
+    assert_eq!(s, 400);
+    let message = serde_json::from_str::<Value>(&body).unwrap()["error"].as_str().unwrap().to_owned();
+    assert!(message.starts_with(r#""1","optout_at","11/23/2026 09:15","#), "{message}");
+    let (s, _) =
+        post(&fake, &[("content", "record"), ("data", r#"[{"study_id":"1","optout_at":"2026-11-23 09:15:59"}]"#)])
+            .await;
+    assert_eq!(s, 200);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15"));
+    // Unknown import field, wrong token, wrong method, unknown content.
+    let (s, _) = post(&fake, &[("content", "record"), ("data", r#"[{"study_id":"1","bogus":"x"}]"#)]).await;
+    assert_eq!(s, 400);
+    fake.set_token("ZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZ");
+    let (s, body) = post(&fake, &[("content", "project")]).await;
+    assert_eq!((s, body.as_str()), (403, r#"{"error":"You do not have permissions to use the API"}"#));
+    fake.set_token(TOKEN);
+    assert_eq!(reqwest::get(&fake.url).await.unwrap().status().as_u16(), 501);
+    let (s, _) = post(&fake, &[("content", "nonsense")]).await;
+    assert_eq!(s, 400);
+}
+
+#[tokio::test]
+async fn the_fake_longitudinal_import_needs_an_event() {
+    optout_relay::install_tls_provider();
+    let fake = FakeRedcap::start(longitudinal()).await;
+    let (s, _) = post(&fake, &[("content", "record"), ("data", r#"[{"study_id":"1","notes":"x"}]"#)]).await;
+    assert_eq!(s, 400);
+    let (_, body) =
+        post(&fake, &[("content", "record"), ("fields[0]", "study_id"), ("events[0]", "followup_arm_1")]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!([{"study_id": "1", "redcap_event_name": "followup_arm_1"}, {"study_id": "2", "redcap_event_name": "followup_arm_1"}])
+    );
+    let (_, body) = post(
+        &fake,
+        &[("content", "record"), ("fields[0]", "study_id"), ("filterLogic", "[followup_arm_1][notes] = 'visit 2'")],
+    )
+    .await;
+    let rows: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(rows.len(), 2, "both events of record 1: {body}");
+    assert!(rows.iter().all(|r| r["study_id"] == "1"));
+}
+
+#[tokio::test]
+async fn the_fake_exports_20000_records_quickly() {
+    optout_relay::install_tls_provider();
+    let mut project = classic("");
+    for i in 0..20_000 {
+        project = project.with_record(&i.to_string(), None, &[("mobile", &format!("(415) 555-{:04}", i % 10_000))]);
+    }
+    let fake = FakeRedcap::start(project).await;
+    let client = reqwest::Client::new();
+    let form = [
+        ("token", TOKEN),
+        ("format", "json"),
+        ("content", "record"),
+        ("fields[0]", "study_id"),
+        ("fields[1]", "mobile"),
+    ];
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let body = client.post(&fake.url).form(&form).send().await.unwrap().text().await.unwrap();
+        best = best.min(started.elapsed());
+        assert!(body.len() > 20_000 * 30);
+    }
+    // Generous for unoptimised builds; an optimised one takes a few ms.
+    eprintln!("BEST {best:?}");
+    assert!(best < Duration::from_millis(150), "{best:?}");
+}
