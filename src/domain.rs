@@ -44,7 +44,7 @@ impl Phone {
     /// region: what the relay matches on, so a short code or a stray digit run
     /// never matches anything.
     pub fn parse_valid(raw: &str, region: country::Id) -> Option<Phone> {
-        let text = strip_channel(raw.trim());
+        let text = strip_extension(strip_channel(raw.trim()));
         if text.is_empty() || text.chars().any(|c| c.is_alphabetic()) {
             return None;
         }
@@ -87,6 +87,21 @@ pub fn mask(s: &str) -> String {
     out.push_str("***");
     out.extend(&chars[chars.len() - tail..]);
     out
+}
+
+/// `415-555-0101 x12`, `… ext. 12`, `… extension 12`, `… #12` → the number
+/// without its extension: a desk phone typed into a text field still matches.
+fn strip_extension(s: &str) -> &str {
+    let lower = s.to_ascii_lowercase();
+    for marker in ["extension", "ext.", "ext", "x", "#"] {
+        if let Some(i) = lower.rfind(marker) {
+            let tail = &lower[i + marker.len()..];
+            if i > 0 && !tail.trim().is_empty() && tail.trim().chars().all(|c| c.is_ascii_digit()) {
+                return s[..i].trim_end_matches([' ', ',', ';']);
+            }
+        }
+    }
+    s
 }
 
 /// `whatsapp:+1415…`, `messenger:…`, `sms:…` → the address after the channel.
@@ -178,6 +193,14 @@ mod tests {
         assert_eq!(Phone::parse_valid("12345", country::Id::US), None);
         assert_eq!(Phone::parse_valid("", country::Id::US), None);
         assert_eq!(Phone::parse_valid("+44 20 7946 0958", country::Id::US).unwrap().as_str(), "+442079460958");
+    }
+
+    #[test]
+    fn extensions_are_ignored_for_matching() {
+        for raw in ["415-555-0101 x12", "(415) 555-0101 ext. 12", "415.555.0101 extension 7", "4155550101 #3", "415 555 0101 X 99"] {
+            assert_eq!(Phone::parse_valid(raw, country::Id::US).unwrap().as_str(), "+14155550101", "{raw}");
+        }
+        assert_eq!(Phone::parse_valid("call me x", country::Id::US), None);
     }
 
     #[test]
