@@ -70,6 +70,8 @@ pub struct EmailConfig {
     #[serde(default)]
     pub password: Option<SecretString>,
     pub from: String,
+    /// One address or a list.
+    #[serde(deserialize_with = "string_list")]
     pub to: Vec<String>,
     /// Zone the times in the message are written in (default UTC).
     #[serde(default = "default_timezone")]
@@ -290,6 +292,20 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self { format: LogFormat::Pretty, mask_phones: true }
     }
+}
+
+/// Accepts one string or a list (an environment variable is often just one).
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// Accepts one secret or a list; environment values may arrive as numbers
