@@ -233,6 +233,36 @@ async fn longitudinal_projects_stamp_the_event_where_the_phone_matched(b: Backen
     app.stop().await;
 }
 
+async fn the_study_team_is_emailed_what_redcap_did(b: Backend) {
+    let fake = FakeRedcap::start(project().with_record("41", None, &[("phone", "(415) 555-0110")])).await;
+    let smtp = common::fake_smtp::FakeSmtp::start().await;
+    let app = spawn_app_with(b, |c| {
+        relay_to(&fake)(c);
+        c.email = Some(optout_relay::config::EmailConfig {
+            smtp_host: "127.0.0.1".into(),
+            smtp_port: Some(smtp.port()),
+            tls: optout_relay::config::EmailTls::None,
+            username: None,
+            password: None,
+            from: "optout-relay@example.org".into(),
+            to: vec!["coordinator@example.org".into()],
+            timezone: "America/New_York".into(),
+            timeout: Duration::from_secs(5),
+        });
+    })
+    .await;
+    app.post_signed(&stop_params("SMmail1", "+14155550110", "STOP", Some("STOP")), TOKEN).await;
+    eventually("email sent", || async { !smtp.messages().is_empty() }).await;
+    let msg = &smtp.messages()[0];
+    assert_eq!(msg.to, ["coordinator@example.org"]);
+    let body = msg.body();
+    assert!(body.contains("+14155550110"), "{body}");
+    assert!(body.contains("41"), "names the record updated: {body}");
+    assert!(fake.value("41", None, FIELD).is_some_and(|v| !v.is_empty()), "REDCap was stamped first");
+    eventually("both deliveries done", || async { app.store.deliveries(Some("done"), 10).await.unwrap().len() == 2 }).await;
+    app.stop().await;
+}
+
 /// Writes events straight into a fresh store (as an earlier process would have).
 async fn seeded_store(b: Backend, dir: &tempfile::TempDir, phones: &[&str], sinks: &[&str]) -> (String, Store) {
     let url = fresh_database(b, dir).await;
@@ -386,4 +416,5 @@ both_backends!(
     longitudinal_projects_stamp_the_event_where_the_phone_matched,
     a_crashed_workers_lease_expires_and_the_delivery_is_retried,
     a_backlog_is_delivered_in_few_redcap_calls,
+    the_study_team_is_emailed_what_redcap_did,
 );

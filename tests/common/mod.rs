@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_redcap;
+pub mod fake_smtp;
 
 use std::net::SocketAddr;
 use std::time::Duration;
