@@ -366,6 +366,32 @@ async fn one_refused_event_does_not_fail_its_batch_neighbours(b: Backend) {
     app.stop().await;
 }
 
+async fn a_batch_keeps_arrival_order_for_one_phone(b: Backend) {
+    let app = spawn_app(b).await;
+    let event = |sid: &str, kind| optout_relay::store::NewEvent {
+        message_sid: optout_relay::domain::MessageSid::parse(sid).unwrap(),
+        account_sid: None,
+        messaging_service_sid: Some(SERVICE.into()),
+        scope: SERVICE.into(),
+        phone: phone("+14155551501"),
+        from_raw: "+14155551501".into(),
+        to: None,
+        kind,
+        body: String::new(),
+        params: serde_json::json!({}),
+        received_at: chrono::Utc::now(),
+        source: "twilio".into(),
+    };
+    use optout_relay::domain::EventKind::{OptIn, OptOut};
+    // The STOP arrives first but its sid sorts last.
+    let batch = [event("SMzzzz", OptOut), event("SMaaaa", OptIn)];
+    app.store.record_events(&batch, &["redcap"]).await.unwrap();
+    assert_eq!(app.store.opted_out(SERVICE, &phone("+14155551501")).await.unwrap(), Some(false), "the later START wins");
+    let rows = app.store.deliveries(None, 10).await.unwrap();
+    assert_eq!(rows.iter().map(|d| d.kind.as_str()).collect::<Vec<_>>(), ["opt_out", "opt_in"], "relayed in arrival order");
+    app.stop().await;
+}
+
 async fn readyz_reports_each_check(b: Backend) {
     let app = spawn_app(b).await;
     let res = app.client.get(app.url("/readyz")).send().await.unwrap();
@@ -458,6 +484,7 @@ both_backends!(
     store_down_answers_503_and_records_nothing,
     a_failing_commit_answers_503_and_leaves_nothing_half_written,
     readyz_reports_each_check,
+    a_batch_keeps_arrival_order_for_one_phone,
     one_refused_event_does_not_fail_its_batch_neighbours,
     readyz_fails_until_migrations_are_applied,
     metrics_count_outcomes_and_report_the_queue,

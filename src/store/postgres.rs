@@ -61,8 +61,9 @@ impl PgStore {
              SELECT sid, acc, svc, scope, phone, raw, to_number, kind, body, params::jsonb, at, source
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[])
-                  AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at, source)
-             ORDER BY sid
+                  WITH ORDINALITY AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at, source, ord)
+             -- Ids follow arrival order: the newest event of a phone must get the highest id.
+             ORDER BY ord
              ON CONFLICT (message_sid) DO NOTHING
              RETURNING id, message_sid",
         )
