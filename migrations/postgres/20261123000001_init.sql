@@ -50,5 +50,6 @@ CREATE TABLE deliveries (
     CONSTRAINT deliveries_event_sink_key UNIQUE (event_id, sink)
 );
 CREATE INDEX deliveries_due_idx ON deliveries (sink, next_attempt_at, id) WHERE status = 'pending';
-CREATE INDEX deliveries_phone_pending_idx ON deliveries (sink, phone, id) WHERE status = 'pending';
+-- Per-phone order (older pending) and superseded checks (newer done) both walk this.
+CREATE INDEX deliveries_phone_idx ON deliveries (sink, phone, id);
 CREATE INDEX deliveries_status_idx ON deliveries (status, sink, id);
