@@ -7,8 +7,7 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{encode, stop_params, PUBLIC_URL, TOKEN};
-use optout_relay::twilio::signature::compute;
+use common::{send_signed, stop_params, PUBLIC_URL, TOKEN};
 
 const BIN: &str = env!("CARGO_BIN_EXE_optout-relay");
 
@@ -52,19 +51,9 @@ fn serve_on_the_embedded_default_answers_then_stops_cleanly_on_sigterm() {
 
     // A signed STOP over real HTTP to the real binary.
     let params = stop_params("SMbin1", "+14155550101", "STOP", Some("STOP"));
-    let sig = compute(TOKEN, &format!("{PUBLIC_URL}/twilio/messages"), &params);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let status = rt.block_on(async {
-        reqwest::Client::new()
-            .post(format!("http://127.0.0.1:{port}/twilio/messages"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("x-twilio-signature", sig)
-            .body(encode(&params))
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let url = format!("http://127.0.0.1:{port}/twilio/messages");
+    let status = rt.block_on(send_signed(&reqwest::Client::new(), &url, &params));
     assert_eq!(status, 200);
     assert!(dir.path().join("optout-relay.db").exists(), "the default SQLite file is created in the working directory");
 

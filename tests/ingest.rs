@@ -196,19 +196,8 @@ async fn concurrent_webhooks_are_each_recorded_once(b: Backend) {
     let mut tasks = Vec::new();
     for i in 0..60 {
         let params = stop_params(&format!("SMc{}", i % 40), &format!("+1415555{:04}", 1000 + i % 40), "STOP", Some("STOP"));
-        let sig = compute(TOKEN, &format!("{PUBLIC_URL}/twilio/messages"), &params);
         let (client, url) = (app.client.clone(), app.url("/twilio/messages"));
-        tasks.push(tokio::spawn(async move {
-            client
-                .post(url)
-                .header("content-type", "application/x-www-form-urlencoded")
-                .header("x-twilio-signature", sig)
-                .body(encode(&params))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }));
+        tasks.push(tokio::spawn(async move { send_signed(&client, &url, &params).await }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -344,19 +333,8 @@ async fn one_refused_event_does_not_fail_its_batch_neighbours(b: Backend) {
     for i in 0..30 {
         let from = if i == 15 { "+14155559999".to_owned() } else { format!("+1415555{:04}", 2000 + i) };
         let params = stop_params(&format!("SMpz{i}"), &from, "STOP", Some("STOP"));
-        let sig = compute(TOKEN, &format!("{PUBLIC_URL}/twilio/messages"), &params);
         let (client, url) = (app.client.clone(), app.url("/twilio/messages"));
-        tasks.push(tokio::spawn(async move {
-            let res = client
-                .post(url)
-                .header("content-type", "application/x-www-form-urlencoded")
-                .header("x-twilio-signature", sig)
-                .body(encode(&params))
-                .send()
-                .await
-                .unwrap();
-            (i, res.status().as_u16())
-        }));
+        tasks.push(tokio::spawn(async move { (i, send_signed(&client, &url, &params).await.as_u16()) }));
     }
     for t in tasks {
         let (i, status) = t.await.unwrap();

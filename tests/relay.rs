@@ -370,16 +370,7 @@ async fn two_instances_on_one_postgres_apply_each_change_once_in_order() {
         tasks.push(tokio::spawn(async move {
             for (n, kind) in kinds.iter().enumerate() {
                 let params = stop_params(&format!("SMrep{i}x{n}"), &ph, kind, Some(kind));
-                let sig = optout_relay::twilio::signature::compute(TOKEN, &format!("{PUBLIC_URL}/twilio/messages"), &params);
-                let res = client
-                    .post(&urls[(i + n) % 2])
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .header("x-twilio-signature", sig)
-                    .body(encode(&params))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(res.status(), 200);
+                assert_eq!(send_signed(&client, &urls[(i + n) % 2], &params).await, 200);
                 tokio::time::sleep(Duration::from_millis(30)).await;
             }
         }));

@@ -121,6 +121,20 @@ pub fn stop_params(sid: &str, from: &str, body: &str, opt_out_type: Option<&str>
     p
 }
 
+/// Posts `params` to `url` (any server) signed with `TOKEN` over `PUBLIC_URL`, as Twilio would.
+pub async fn send_signed(client: &reqwest::Client, url: &str, params: &[(String, String)]) -> reqwest::StatusCode {
+    let sig = compute(TOKEN, &format!("{PUBLIC_URL}/twilio/messages"), params);
+    client
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", sig)
+        .body(encode(params))
+        .send()
+        .await
+        .expect("request")
+        .status()
+}
+
 pub fn encode(params: &[(String, String)]) -> String {
     let mut ser = form_urlencoded::Serializer::new(String::new());
     for (k, v) in params {
