@@ -45,7 +45,8 @@ CREATE TABLE deliveries (
     CHECK ((status = 'pending') = (completed_at IS NULL)),
     UNIQUE (event_id, sink)
 );
-CREATE INDEX deliveries_due_idx ON deliveries (sink, next_attempt_at, id) WHERE status = 'pending';
+-- Claims walk a sink's pending deliveries in id order; done rows pile up and must not be scanned.
+CREATE INDEX deliveries_pending_idx ON deliveries (sink, id) WHERE status = 'pending';
 -- Per-phone order (older pending) and superseded checks (newer done) both walk this.
-CREATE INDEX deliveries_phone_idx ON deliveries (sink, phone, id);
+CREATE INDEX deliveries_phone_idx ON deliveries (sink, phone, status, id);
 CREATE INDEX deliveries_status_idx ON deliveries (status, sink, id);

@@ -88,59 +88,63 @@ impl Worker {
         // of what happened is still worth sending, so report sinks ignore it.
         let reports = self.sink.reports_on_others();
         let (superseded, due): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.superseded && !reports);
-        metrics::attempts(self.sink.name(), (superseded.len() + due.len()) as u64);
-        metrics::delivery(self.sink.name(), "superseded", superseded.len() as u64);
-        for d in &superseded {
-            let result = json!({ "superseded": true, "note": "a newer change for this phone was already delivered" });
-            self.settle(d, Settle::Done(result)).await;
-        }
-        if due.is_empty() {
-            return;
-        }
-        let items: Vec<DeliveryItem> = due
+        let sink = self.sink.name();
+        metrics::attempts(sink, (superseded.len() + due.len()) as u64);
+        metrics::delivery(sink, "superseded", superseded.len() as u64);
+        let mut settles: Vec<(i64, Settle)> = superseded
             .iter()
-            .map(|d| DeliveryItem { id: d.id, event_id: d.event_id, phone: d.phone.clone(), kind: d.kind, received_at: d.received_at })
+            .map(|d| (d.id, Settle::Done(json!({ "superseded": true, "note": "a newer change for this phone was already delivered" }))))
             .collect();
-        let started = std::time::Instant::now();
-        let outcomes = self.sink.apply(&items).await;
-        let ms = started.elapsed().as_millis() as u64;
-        let now = Utc::now();
-        let mut done = 0u64;
-        let mut logged_error = false;
-        for (d, outcome) in due.iter().zip(outcomes) {
-            let how = match outcome {
-                Ok(result) => {
-                    done += 1;
-                    Settle::Done(result)
-                }
-                Err(error) => {
-                    // One line per failing batch, not per delivery.
-                    if !logged_error {
-                        logged_error = true;
-                        log_failure(self.sink.name(), items.len(), &error);
-                    }
-                    let how = retry::after_failure(&self.policy, d.attempts, d.created_at, now, &error, rand::random::<f64>());
-                    metrics::delivery(self.sink.name(), if matches!(how, Settle::Dead(_)) { "dead" } else { "retry" }, 1);
-                    if let Settle::Dead(reason) = &how {
-                        tracing::error!(delivery = d.id, sink = self.sink.name(), %reason, "delivery dead-lettered; replay with `optout-relay replay --dead`");
-                    }
-                    how
-                }
-            };
-            self.settle(d, how).await;
-        }
-        if done > 0 {
-            metrics::delivery(self.sink.name(), "done", done);
-            tracing::info!(sink = self.sink.name(), deliveries = done, ms, "delivered");
-        }
-    }
 
-    async fn settle(&self, d: &ClaimedDelivery, how: Settle) {
-        match self.store.settle(d.id, &self.owner, &how).await {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(delivery = d.id, "lease lost before settling; another worker owns it now"),
-            // The lease will expire and the delivery be retried: nothing is lost.
-            Err(e) => tracing::error!(delivery = d.id, error = %e, "cannot record the delivery's outcome; it will be retried"),
+        if !due.is_empty() {
+            let items: Vec<DeliveryItem> = due
+                .iter()
+                .map(|d| DeliveryItem { id: d.id, event_id: d.event_id, phone: d.phone.clone(), kind: d.kind, received_at: d.received_at })
+                .collect();
+            let started = std::time::Instant::now();
+            let outcomes = self.sink.apply(&items).await;
+            let ms = started.elapsed().as_millis() as u64;
+            let now = Utc::now();
+            let mut done = 0u64;
+            let mut logged_error = false;
+            for (d, outcome) in due.iter().zip(outcomes) {
+                let how = match outcome {
+                    Ok(result) => {
+                        done += 1;
+                        Settle::Done(result)
+                    }
+                    Err(error) => {
+                        // One line per failing batch, not per delivery.
+                        if !logged_error {
+                            logged_error = true;
+                            log_failure(sink, items.len(), &error);
+                        }
+                        let how = retry::after_failure(&self.policy, d.attempts, d.created_at, now, &error, rand::random::<f64>());
+                        metrics::delivery(sink, if matches!(how, Settle::Dead(_)) { "dead" } else { "retry" }, 1);
+                        if let Settle::Dead(reason) = &how {
+                            tracing::error!(delivery = d.id, sink, %reason, "delivery dead-lettered; replay with `optout-relay replay --dead`");
+                        }
+                        how
+                    }
+                };
+                settles.push((d.id, how));
+            }
+            if done > 0 {
+                metrics::delivery(sink, "done", done);
+                tracing::info!(sink, deliveries = done, ms, "delivered");
+            }
+        }
+
+        // One transaction for the whole batch: a commit per delivery would
+        // cost a disk flush each and hold SQLite's write lock in turns.
+        match self.store.settle_many(&self.owner, &settles).await {
+            Ok(held) if held < settles.len() as u64 => tracing::warn!(
+                lost = settles.len() as u64 - held,
+                "lease lost before settling; another worker owns those deliveries now"
+            ),
+            Ok(_) => {}
+            // The leases will expire and the deliveries be retried: nothing is lost.
+            Err(e) => tracing::error!(error = %e, deliveries = settles.len(), "cannot record the outcomes; they will be retried"),
         }
     }
 }

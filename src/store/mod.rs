@@ -257,9 +257,18 @@ impl Store {
     /// Ends an attempt. Returns false when the lease was lost meanwhile (the
     /// row was re-claimed by another worker), in which case nothing changes.
     pub async fn settle(&self, id: i64, owner: &str, how: &Settle) -> Result<bool, StoreError> {
+        Ok(self.settle_many(owner, &[(id, how.clone())]).await? == 1)
+    }
+
+    /// Ends a batch of attempts in one transaction; returns how many were
+    /// still held by `owner` (the others were re-claimed after a lost lease).
+    pub async fn settle_many(&self, owner: &str, settles: &[(i64, Settle)]) -> Result<u64, StoreError> {
+        if settles.is_empty() {
+            return Ok(0);
+        }
         match self {
-            Store::Postgres(s) => s.settle(id, owner, how, Utc::now()).await,
-            Store::Sqlite(s) => s.settle(id, owner, how, Utc::now()).await,
+            Store::Postgres(s) => s.settle_many(owner, settles, Utc::now()).await,
+            Store::Sqlite(s) => s.settle_many(owner, settles, Utc::now()).await,
         }
     }
 

@@ -169,21 +169,25 @@ impl PgStore {
         wait_for_other_sinks: bool,
     ) -> Result<Vec<ClaimedDelivery>, StoreError> {
         let rows = sqlx::query(
-            "UPDATE deliveries d
+            // The CTE picks and locks at most `limit` rows; the update then
+            // touches only those (a join on the primary key, not a table scan).
+            "WITH picked AS (
+                 SELECT c.id FROM deliveries c
+                  WHERE c.sink = $1 AND c.status = 'pending' AND c.next_attempt_at <= $5
+                    AND (c.locked_until IS NULL OR c.locked_until < $5)
+                    AND NOT EXISTS (SELECT 1 FROM deliveries o
+                                     WHERE o.sink = c.sink AND o.phone = c.phone
+                                       AND o.status = 'pending' AND o.id < c.id)
+                    AND NOT ($6 AND EXISTS (SELECT 1 FROM deliveries w
+                                             WHERE w.event_id = c.event_id AND w.sink <> c.sink
+                                               AND w.status = 'pending'))
+                  ORDER BY c.id
+                  LIMIT $2
+                  FOR UPDATE SKIP LOCKED)
+             UPDATE deliveries d
                 SET locked_until = $4, locked_by = $3, attempts = d.attempts + 1, updated_at = $5
-              WHERE d.id IN (
-                    SELECT c.id FROM deliveries c
-                     WHERE c.sink = $1 AND c.status = 'pending' AND c.next_attempt_at <= $5
-                       AND (c.locked_until IS NULL OR c.locked_until < $5)
-                       AND NOT EXISTS (SELECT 1 FROM deliveries o
-                                        WHERE o.sink = c.sink AND o.phone = c.phone
-                                          AND o.status = 'pending' AND o.id < c.id)
-                       AND NOT ($6 AND EXISTS (SELECT 1 FROM deliveries w
-                                                 WHERE w.event_id = c.event_id AND w.sink <> c.sink
-                                                   AND w.status = 'pending'))
-                     ORDER BY c.id
-                     LIMIT $2
-                     FOR UPDATE SKIP LOCKED)
+               FROM picked
+              WHERE d.id = picked.id
               RETURNING d.id, d.event_id, d.phone, d.kind, d.attempts, d.created_at,
                         (SELECT e.received_at FROM events e WHERE e.id = d.event_id) AS received_at,
                         EXISTS (SELECT 1 FROM deliveries n
@@ -216,7 +220,13 @@ impl PgStore {
         Ok(out)
     }
 
-    pub async fn settle(&self, id: i64, owner: &str, how: &Settle, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    /// Ends attempts in one transaction (one commit for a whole batch).
+    /// Returns how many rows this owner still held.
+    pub async fn settle_many(&self, owner: &str, settles: &[(i64, Settle)], now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut held = 0;
+        for (id, how) in settles {
+            let id = *id;
         let q = match how {
             Settle::Done(result) => sqlx::query(
                 "UPDATE deliveries SET status = 'done', result = $3::jsonb, completed_at = $4, updated_at = $4,
@@ -247,7 +257,10 @@ impl PgStore {
             .bind(error.as_str())
             .bind(now),
         };
-        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+        held += q.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(held)
     }
 
     pub async fn replay_dead(&self, sink: Option<&str>, now: DateTime<Utc>) -> Result<u64, StoreError> {

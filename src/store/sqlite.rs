@@ -187,8 +187,14 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub async fn settle(&self, id: i64, owner: &str, how: &Settle, now: DateTime<Utc>) -> Result<bool, StoreError> {
-        let now = ms(now);
+    /// Ends attempts in one transaction (one commit for a whole batch).
+    /// Returns how many rows this owner still held.
+    pub async fn settle_many(&self, owner: &str, settles: &[(i64, Settle)], now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut held = 0;
+        for (id, how) in settles {
+            let id = *id;
+            let now = ms(now);
         let q = match how {
             Settle::Done(result) => sqlx::query(
                 "UPDATE deliveries SET status = 'done', result = ?3, completed_at = ?4, updated_at = ?4,
@@ -219,7 +225,10 @@ impl SqliteStore {
             .bind(error.as_str())
             .bind(now),
         };
-        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+        held += q.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(held)
     }
 
     pub async fn replay_dead(&self, sink: Option<&str>, now: DateTime<Utc>) -> Result<u64, StoreError> {
