@@ -181,3 +181,97 @@ fn check_config_asks_redcap_and_refuses_a_date_only_field() {
     assert!(!text.contains("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"), "token printed: {text}");
     drop(rt);
 }
+
+/// The runtime stage of the Dockerfile, read from the file itself: its ENV,
+/// ENTRYPOINT + CMD and HEALTHCHECK command, so the test follows the image.
+struct Image {
+    env: Vec<(String, String)>,
+    start: Vec<String>,
+    healthcheck: Vec<String>,
+}
+
+fn image_from_dockerfile() -> Image {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let runtime = &text[text.rfind("\nFROM ").expect("a FROM line")..];
+    // Join continuation lines.
+    let joined = runtime.replace("\\\n", " ");
+    let json_array = |line: &str| -> Vec<String> {
+        let start = line.find('[').expect("exec form");
+        serde_json::from_str(&line[start..line.rfind(']').unwrap() + 1]).unwrap()
+    };
+    let (mut env, mut entrypoint, mut cmd, mut healthcheck) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for line in joined.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("ENV ") {
+            for kv in rest.split_whitespace() {
+                let (k, v) = kv.split_once('=').unwrap();
+                env.push((k.to_owned(), v.to_owned()));
+            }
+        } else if line.starts_with("ENTRYPOINT ") {
+            entrypoint = json_array(line);
+        } else if line.starts_with("CMD ") {
+            cmd = json_array(line);
+        } else if line.starts_with("HEALTHCHECK ") {
+            healthcheck = json_array(&line[line.find(" CMD ").unwrap()..]);
+        }
+    }
+    assert_eq!(entrypoint.first().map(String::as_str), Some("/usr/local/bin/optout-relay"));
+    assert_eq!(healthcheck.first().map(String::as_str), Some("/usr/local/bin/optout-relay"));
+    let start = entrypoint.into_iter().skip(1).chain(cmd).collect();
+    Image { env, start, healthcheck: healthcheck.into_iter().skip(1).collect() }
+}
+
+#[test]
+fn the_images_start_and_healthcheck_commands_work_as_written() {
+    let image = image_from_dockerfile();
+    assert_eq!(image.start, ["serve"]);
+    assert_eq!(image.healthcheck, ["healthcheck"]);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let run = |args: &[String]| {
+        let mut c = Command::new(BIN);
+        c.current_dir(dir.path()).env_clear().args(args);
+        for (k, v) in &image.env {
+            // The image listens on 0.0.0.0:8080; here any free port, same address.
+            let v = if k == "OPTOUT_RELAY__SERVER__LISTEN" { v.replace(":8080", &format!(":{port}")) } else { v.clone() };
+            c.env(k, v);
+        }
+        c
+    };
+    assert!(!run(&image.healthcheck).stderr(Stdio::null()).status().unwrap().success(), "unhealthy before start");
+    let mut server = run(&image.start).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !run(&image.healthcheck).stderr(Stdio::null()).status().unwrap().success() {
+        assert!(server.try_wait().unwrap().is_none(), "server exited");
+        assert!(Instant::now() < deadline, "never healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(server.wait().unwrap().success(), "SIGTERM (docker stop) exits 0");
+    let mut logs = String::new();
+    server.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    assert!(logs.lines().filter(|l| !l.trim().is_empty()).all(|l| l.trim_start().starts_with('{')), "JSON logs in the image:\n{logs}");
+    assert!(dir.path().join("optout-relay.db").exists(), "SQLite in the working directory (the image's volume)");
+}
+
+#[test]
+fn operator_commands_answer_without_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let run = |args: &[&str]| command(dir.path(), port).args(args).output().unwrap();
+    let out = run(&["opt-out", "(415) 555-0188", "--note", "called in", "--source", "desk:amy"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&["status", "415.555.0188"]);
+    assert!(out.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["phone"], "+14155550188");
+    assert_eq!(status["opted_out"], true);
+    assert_eq!(status["events"][0]["source"], "staff:desk:amy");
+    let out = run(&["opt-in", "+14155550188"]);
+    assert!(out.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&run(&["status", "4155550188"]).stdout).unwrap();
+    assert_eq!(status["opted_out"], false);
+    assert!(!run(&["status", "not-a-number"]).status.success());
+    let out = run(&["replay", "--dead"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("re-queued 0"));
+}
