@@ -31,6 +31,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(acquire_timeout)
+            // A ping before every acquire is a round trip on the webhook's hot
+            // path; a broken connection fails its query instead, and the
+            // batch writer answers 503 so Twilio retries.
+            .test_before_acquire(false)
             .connect_lazy_with(opts);
         Ok(PgStore { pool })
     }
@@ -50,22 +54,47 @@ impl PgStore {
         Readiness { database, migrations }
     }
 
+    /// One statement, so one round trip and one commit per batch: data-modifying
+    /// CTEs insert the events (in arrival order, duplicates skipped), upsert the
+    /// newest state per (scope, phone) from what was actually inserted, and queue
+    /// one delivery per sink. A single statement is atomic on its own.
     pub async fn record_events(&self, events: &[NewEvent], sinks: &[&str]) -> Result<Vec<RecordOutcome>, StoreError> {
         let (unique, rep) = dedupe(events);
-        let mut tx = self.pool.begin().await?;
-
         let pick = |f: &dyn Fn(&NewEvent) -> Option<String>| unique.iter().map(|&i| f(&events[i])).collect::<Vec<_>>();
         let rows = sqlx::query(
-            "INSERT INTO events (message_sid, account_sid, messaging_service_sid, scope, phone, from_raw,
-                                 to_number, kind, body, params, received_at, source)
-             SELECT sid, acc, svc, scope, phone, raw, to_number, kind, body, params::jsonb, at, source
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[])
-                  WITH ORDINALITY AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at, source, ord)
-             -- Ids follow arrival order: the newest event of a phone must get the highest id.
-             ORDER BY ord
-             ON CONFLICT (message_sid) DO NOTHING
-             RETURNING id, message_sid",
+            "WITH input AS (
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                      $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[])
+                        WITH ORDINALITY AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at, source, ord)
+             ), ins AS (
+                 INSERT INTO events (message_sid, account_sid, messaging_service_sid, scope, phone, from_raw,
+                                     to_number, kind, body, params, received_at, source)
+                 SELECT sid, acc, svc, scope, phone, raw, to_number, kind, body, params::jsonb, at, source
+                   FROM input
+                  -- Ids follow arrival order: a phone's newest event gets the highest id.
+                  ORDER BY ord
+                 ON CONFLICT (message_sid) DO NOTHING
+                 RETURNING id, message_sid, scope, phone, kind, received_at
+             ), newest AS (
+                 SELECT DISTINCT ON (scope, phone) scope, phone, kind, id, received_at
+                   FROM ins WHERE kind <> 'help'
+                  ORDER BY scope, phone, id DESC
+             ), state AS (
+                 INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at)
+                 SELECT scope, phone, kind = 'opt_out', id, received_at FROM newest
+                  -- A fixed lock order, so concurrent batches cannot deadlock.
+                  ORDER BY scope, phone
+                 ON CONFLICT (scope, phone) DO UPDATE
+                    SET opted_out = EXCLUDED.opted_out, event_id = EXCLUDED.event_id, changed_at = EXCLUDED.changed_at
+                  WHERE opt_out_state.event_id < EXCLUDED.event_id
+             ), queued AS (
+                 INSERT INTO deliveries (event_id, sink, phone, kind, next_attempt_at, created_at, updated_at)
+                 SELECT ins.id, s.sink, ins.phone, ins.kind, $14, $14, $14
+                   FROM ins CROSS JOIN UNNEST($13::text[]) AS s(sink)
+                  WHERE ins.kind <> 'help'
+                  ORDER BY ins.id, s.sink
+             )
+             SELECT id, message_sid FROM ins",
         )
         .bind(pick(&|e| Some(e.message_sid.as_str().to_owned())))
         .bind(pick(&|e| e.account_sid.clone()))
@@ -79,7 +108,9 @@ impl PgStore {
         .bind(pick(&|e| Some(e.params.to_string())))
         .bind(unique.iter().map(|&i| events[i].received_at).collect::<Vec<_>>())
         .bind(pick(&|e| Some(e.source.clone())))
-        .fetch_all(&mut *tx)
+        .bind(sinks.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+        .bind(Utc::now())
+        .fetch_all(&self.pool)
         .await?;
 
         let index_of: HashMap<&str, usize> = unique.iter().map(|&i| (events[i].message_sid.as_str(), i)).collect();
@@ -91,71 +122,6 @@ impl PgStore {
                 inserted.insert(i, id);
             }
         }
-
-        // Newest event per (scope, phone) in this batch; sorted so concurrent
-        // batches lock state rows in the same order (no deadlock).
-        let mut newest: HashMap<(&str, &str), (i64, usize)> = HashMap::new();
-        for (&i, &id) in &inserted {
-            let e = &events[i];
-            if e.kind.changes_consent() {
-                let slot = newest.entry((e.scope.as_str(), e.phone.as_str())).or_insert((id, i));
-                if id > slot.0 {
-                    *slot = (id, i);
-                }
-            }
-        }
-        let mut state: Vec<_> = newest.into_iter().collect();
-        state.sort();
-        if !state.is_empty() {
-            sqlx::query(
-                "INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::int8[], $5::timestamptz[])
-                 ON CONFLICT (scope, phone) DO UPDATE
-                   SET opted_out = EXCLUDED.opted_out, event_id = EXCLUDED.event_id, changed_at = EXCLUDED.changed_at
-                   WHERE opt_out_state.event_id < EXCLUDED.event_id",
-            )
-            .bind(state.iter().map(|((s, _), _)| (*s).to_owned()).collect::<Vec<_>>())
-            .bind(state.iter().map(|((_, p), _)| (*p).to_owned()).collect::<Vec<_>>())
-            .bind(state.iter().map(|(_, (_, i))| events[*i].kind == EventKind::OptOut).collect::<Vec<_>>())
-            .bind(state.iter().map(|(_, (id, _))| *id).collect::<Vec<_>>())
-            .bind(state.iter().map(|(_, (_, i))| events[*i].received_at).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-
-        let mut d_event = Vec::new();
-        let mut d_sink = Vec::new();
-        let mut d_phone = Vec::new();
-        let mut d_kind = Vec::new();
-        let mut ordered: Vec<(i64, usize)> = inserted.iter().map(|(&i, &id)| (id, i)).collect();
-        ordered.sort();
-        for (id, i) in ordered {
-            let e = &events[i];
-            if !e.kind.changes_consent() {
-                continue;
-            }
-            for sink in sinks {
-                d_event.push(id);
-                d_sink.push((*sink).to_owned());
-                d_phone.push(e.phone.as_str().to_owned());
-                d_kind.push(e.kind.as_str().to_owned());
-            }
-        }
-        if !d_event.is_empty() {
-            sqlx::query(
-                "INSERT INTO deliveries (event_id, sink, phone, kind, next_attempt_at, created_at, updated_at)
-                 SELECT e, s, p, k, $5, $5, $5 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[]) AS t(e, s, p, k)",
-            )
-            .bind(d_event)
-            .bind(d_sink)
-            .bind(d_phone)
-            .bind(d_kind)
-            .bind(Utc::now())
-            .execute(&mut *tx)
-            .await?;
-        }
-
-        tx.commit().await?;
         Ok(spread(events.len(), &rep, &inserted))
     }
 
