@@ -136,10 +136,21 @@ enum Sql {
 #[derive(Debug, Clone, Copy)]
 enum Ev {
     /// `elapsed` is measured after the rate limiter let the call go.
-    Call { op: Op, elapsed: Duration, ok: bool },
+    Call {
+        op: Op,
+        elapsed: Duration,
+        ok: bool,
+    },
     Applied,
-    Delivered { n: u64, ms: u64 },
-    Sql { kind: Sql, elapsed: Duration, rows: u64 },
+    Delivered {
+        n: u64,
+        ms: u64,
+    },
+    Sql {
+        kind: Sql,
+        elapsed: Duration,
+        rows: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -296,7 +307,9 @@ fn us_numbers(n: usize, seed: u64) -> Vec<String> {
         // Area codes libphonenumber does not know never match: probe once per area code,
         // then check every number (some exchanges are not valid either).
         let area_ok = *valid_area.entry(area).or_insert_with(|| {
-            (0..20).any(|k| Phone::parse_valid(&format!("+1{area}{}{:04}", 200 + k * 37, k * 311), phonenumber_us()).is_some())
+            (0..20).any(|k| {
+                Phone::parse_valid(&format!("+1{area}{}{:04}", 200 + k * 37, k * 311), phonenumber_us()).is_some()
+            })
         });
         if !area_ok {
             continue;
@@ -448,7 +461,9 @@ async fn drop_db(args: &Args, db: &Db) {
     let Some(name) = &db.pg_name else { return };
     match sqlx::PgConnection::connect(&args.pg_admin_url).await {
         Ok(mut conn) => {
-            if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await {
+            if let Err(e) =
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await
+            {
                 eprintln!("cannot drop database {name}: {e}");
             }
         }
@@ -650,11 +665,8 @@ fn analyse(log: &[Rec], t0: Instant) -> Analysis {
         by_task.entry(r.task).or_default().push(*r);
     }
     calls.sort_by_key(|c| c.0);
-    let limited_starts: HashSet<Instant> = calls
-        .windows(2)
-        .filter(|w| sub(w[1].0, w[0].0) < SPACING + Duration::from_millis(3))
-        .map(|w| w[1].0)
-        .collect();
+    let limited_starts: HashSet<Instant> =
+        calls.windows(2).filter(|w| sub(w[1].0, w[0].0) < SPACING + Duration::from_millis(3)).map(|w| w[1].0).collect();
     let mut cycles = Vec::new();
     for recs in by_task.values() {
         let mut start = t0;
@@ -872,7 +884,11 @@ async fn post_webhook(client: &reqwest::Client, url: &str, sid: &str, phone: &st
 
 /// While a phase runs: a signed HELP webhook every 250 ms (recorded, relayed
 /// nowhere), to see whether ingest stays responsive while the relay works.
-fn spawn_ingest_probe(addr: std::net::SocketAddr, phone: String, stop: CancellationToken) -> tokio::task::JoinHandle<(Vec<f64>, usize)> {
+fn spawn_ingest_probe(
+    addr: std::net::SocketAddr,
+    phone: String,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<(Vec<f64>, usize)> {
     tokio::spawn(async move {
         let client = reqwest::Client::new();
         let url = format!("http://{addr}/twilio/messages");
@@ -924,7 +940,11 @@ async fn throughput(
     problems: &mut Vec<String>,
 ) -> anyhow::Result<Throughput> {
     let backend = args.backend.as_str();
-    eprintln!("== {backend} {phase}: seeding {} pending opt-outs, {} records", data.bench.len(), data.bench.len() + data.others.len());
+    eprintln!(
+        "== {backend} {phase}: seeding {} pending opt-outs, {} records",
+        data.bench.len(),
+        data.bench.len() + data.others.len()
+    );
     let fake = FakeRedcap::start(data.project()).await;
     fake.set_latency(Duration::from_millis(args.redcap_ms));
     let db = fresh_db(args).await?;

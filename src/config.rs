@@ -177,9 +177,7 @@ impl Default for KeywordsConfig {
         Self {
             // Twilio's defaults, the 2025 additions (REVOKE, OPTOUT) and the FCC's
             // "opt out" with a space, which Twilio does not treat as a keyword.
-            opt_out: list(&[
-                "STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT", "OPT OUT",
-            ]),
+            opt_out: list(&["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT", "OPT OUT"]),
             opt_in: list(&["START", "YES", "UNSTOP"]),
             help: list(&["HELP", "INFO"]),
             default_region: "US".to_owned(),

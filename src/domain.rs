@@ -197,7 +197,13 @@ mod tests {
 
     #[test]
     fn extensions_are_ignored_for_matching() {
-        for raw in ["415-555-0101 x12", "(415) 555-0101 ext. 12", "415.555.0101 extension 7", "4155550101 #3", "415 555 0101 X 99"] {
+        for raw in [
+            "415-555-0101 x12",
+            "(415) 555-0101 ext. 12",
+            "415.555.0101 extension 7",
+            "4155550101 #3",
+            "415 555 0101 X 99",
+        ] {
             assert_eq!(Phone::parse_valid(raw, country::Id::US).unwrap().as_str(), "+14155550101", "{raw}");
         }
         assert_eq!(Phone::parse_valid("call me x", country::Id::US), None);

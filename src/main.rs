@@ -2,11 +2,11 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
-use std::time::Duration;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
 use anyhow::Context as _;
+use clap::{Parser, Subcommand};
 use optout_relay::config::Config;
 use optout_relay::domain::{parse_region, EventKind, Phone};
 use optout_relay::ops;

@@ -6,7 +6,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::domain::{EventKind, MessageSid, Phone};
-use crate::store::{DeliveryFilter, DeliveryRow, EventFilter, EventRow, NewEvent, RecordOutcome, StateRow, Store, StoreError};
+use crate::store::{
+    DeliveryFilter, DeliveryRow, EventFilter, EventRow, NewEvent, RecordOutcome, StateRow, Store, StoreError,
+};
 
 /// Scope of a revocation staff recorded without naming one: the whole
 /// organisation, since the FCC rule lets a person revoke "by any reasonable means".
@@ -49,7 +51,13 @@ pub async fn phone_status(store: &Store, phone: &Phone) -> Result<PhoneStatus, S
 
 /// A revocation (or a renewed consent) received another way: by phone,
 /// email, letter. It becomes an event like a webhook's and is relayed the same way.
-pub fn staff_event(phone: Phone, kind: EventKind, scope: Option<String>, note: Option<String>, source: &str) -> NewEvent {
+pub fn staff_event(
+    phone: Phone,
+    kind: EventKind,
+    scope: Option<String>,
+    note: Option<String>,
+    source: &str,
+) -> NewEvent {
     let sid = format!("ST{:032x}", rand::random::<u128>());
     let source = format!("staff:{}", source.trim());
     NewEvent {

@@ -70,13 +70,7 @@ impl Application {
             writer,
             verifier: Verifier::new(twilio.auth_tokens.clone(), twilio.shared_keys.clone()),
             validate_signatures: twilio.validate_signatures,
-            base_urls: config
-                .server
-                .public_url
-                .iter()
-                .chain(&config.server.alternate_public_urls)
-                .cloned()
-                .collect(),
+            base_urls: config.server.public_url.iter().chain(&config.server.alternate_public_urls).cloned().collect(),
             keywords: Keywords::new(&config.keywords),
             region,
             mask_phones: config.log.mask_phones,
@@ -131,7 +125,8 @@ impl Application {
         );
         let grace = self.config.server.shutdown_grace;
         let signal = shutdown.clone();
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move { signal.cancelled().await });
+        let server =
+            axum::serve(self.listener, self.router).with_graceful_shutdown(async move { signal.cancelled().await });
         let bounded = async {
             shutdown.cancelled().await;
             tokio::time::sleep(grace).await;
@@ -153,7 +148,11 @@ impl Application {
 }
 
 /// One sink per configured section; ingest queues a delivery for each.
-pub fn build_sinks(config: &Config, region: phonenumber::country::Id, store: &Store) -> Result<Vec<Arc<Sink>>, StartError> {
+pub fn build_sinks(
+    config: &Config,
+    region: phonenumber::country::Id,
+    store: &Store,
+) -> Result<Vec<Arc<Sink>>, StartError> {
     let mut sinks = Vec::new();
     if let Some(cfg) = &config.redcap {
         crate::install_tls_provider();

@@ -55,7 +55,8 @@ async fn bearer_token_is_required(b: Backend) {
     let app = spawn_app_with(b, with_admin).await;
     assert_eq!(get(&app, "/v1/events", None).await.0, 401);
     assert_eq!(get(&app, "/v1/events", Some("wrong")).await.0, 401);
-    let res = app.client.get(app.url("/v1/events")).header("authorization", format!("Basic {ADMIN}")).send().await.unwrap();
+    let res =
+        app.client.get(app.url("/v1/events")).header("authorization", format!("Basic {ADMIN}")).send().await.unwrap();
     assert_eq!(res.status(), 401);
     assert_eq!(res.headers()["www-authenticate"], "Bearer");
     assert_eq!(get(&app, "/v1/events", Some(ADMIN)).await.0, 200);
@@ -65,8 +66,12 @@ async fn bearer_token_is_required(b: Backend) {
 
 async fn staff_opt_out_is_recorded_relayed_and_visible(b: Backend) {
     let app = spawn_app_with(b, with_admin).await;
-    let (status, rec) =
-        post(&app, "/v1/opt-outs", json!({"phone": "(415) 555-0177", "note": "called the front desk", "source": "desk:amy"})).await;
+    let (status, rec) = post(
+        &app,
+        "/v1/opt-outs",
+        json!({"phone": "(415) 555-0177", "note": "called the front desk", "source": "desk:amy"}),
+    )
+    .await;
     assert_eq!(status, 201, "{rec}");
     assert_eq!(rec["kind"], "opt_out");
 
@@ -100,7 +105,10 @@ async fn events_and_deliveries_are_listed_with_filters_and_pages(b: Backend) {
     for i in 0..5 {
         let from = format!("+1415555{:04}", 3000 + i);
         let kind = if i % 2 == 0 { "STOP" } else { "START" };
-        assert_eq!(app.post_signed(&stop_params(&format!("SMad{i}"), &from, kind, Some(kind)), TOKEN).await.status(), 200);
+        assert_eq!(
+            app.post_signed(&stop_params(&format!("SMad{i}"), &from, kind, Some(kind)), TOKEN).await.status(),
+            200
+        );
     }
     let (_, page) = get(&app, "/v1/events?limit=2", Some(ADMIN)).await;
     assert_eq!(page["items"].as_array().unwrap().len(), 2);
@@ -117,7 +125,10 @@ async fn events_and_deliveries_are_listed_with_filters_and_pages(b: Backend) {
     assert_eq!(get(&app, "/v1/events?kind=maybe", Some(ADMIN)).await.0, 400);
     assert_eq!(get(&app, "/v1/deliveries?status=lost", Some(ADMIN)).await.0, 400);
 
-    let dead = wait_for(&app, "/v1/deliveries?status=dead&sink=redcap", |v| v["items"].as_array().is_some_and(|a| a.len() == 5)).await;
+    let dead = wait_for(&app, "/v1/deliveries?status=dead&sink=redcap", |v| {
+        v["items"].as_array().is_some_and(|a| a.len() == 5)
+    })
+    .await;
     let first = dead["items"][0]["id"].as_i64().unwrap();
 
     // Retry one, then all.
@@ -136,7 +147,15 @@ async fn openapi_document_describes_the_api(b: Backend) {
     let (status, doc) = get(&app, "/v1/openapi.json", Some(ADMIN)).await;
     assert_eq!(status, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    for path in ["/v1/phones/{phone}", "/v1/events", "/v1/deliveries", "/v1/deliveries/{id}/retry", "/v1/deliveries/retry-dead", "/v1/opt-outs", "/v1/opt-ins"] {
+    for path in [
+        "/v1/phones/{phone}",
+        "/v1/events",
+        "/v1/deliveries",
+        "/v1/deliveries/{id}/retry",
+        "/v1/deliveries/retry-dead",
+        "/v1/opt-outs",
+        "/v1/opt-ins",
+    ] {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }
     assert!(doc["components"]["schemas"]["PhoneStatus"].is_object());

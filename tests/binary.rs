@@ -232,7 +232,8 @@ fn the_images_start_and_healthcheck_commands_work_as_written() {
         c.current_dir(dir.path()).env_clear().args(args);
         for (k, v) in &image.env {
             // The image listens on 0.0.0.0:8080; here any free port, same address.
-            let v = if k == "OPTOUT_RELAY__SERVER__LISTEN" { v.replace(":8080", &format!(":{port}")) } else { v.clone() };
+            let v =
+                if k == "OPTOUT_RELAY__SERVER__LISTEN" { v.replace(":8080", &format!(":{port}")) } else { v.clone() };
             c.env(k, v);
         }
         c
@@ -249,7 +250,10 @@ fn the_images_start_and_healthcheck_commands_work_as_written() {
     assert!(server.wait().unwrap().success(), "SIGTERM (docker stop) exits 0");
     let mut logs = String::new();
     server.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
-    assert!(logs.lines().filter(|l| !l.trim().is_empty()).all(|l| l.trim_start().starts_with('{')), "JSON logs in the image:\n{logs}");
+    assert!(
+        logs.lines().filter(|l| !l.trim().is_empty()).all(|l| l.trim_start().starts_with('{')),
+        "JSON logs in the image:\n{logs}"
+    );
     assert!(dir.path().join("optout-relay.db").exists(), "SQLite in the working directory (the image's volume)");
 }
 

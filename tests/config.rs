@@ -46,7 +46,11 @@ fn example_file_and_environment_layers() {
     std::env::set_var("OPTOUT_RELAY__DATABASE__URL", "postgres://u@127.0.0.1/db2");
     std::env::set_var("OPTOUT_RELAY__TWILIO__AUTH_TOKENS", "[tokenA, tokenB]");
     let c = Config::load(None).unwrap();
-    assert_eq!(c.database.url.expose_secret(), "postgres://u@127.0.0.1/db2", "prefixed variable wins over DATABASE_URL");
+    assert_eq!(
+        c.database.url.expose_secret(),
+        "postgres://u@127.0.0.1/db2",
+        "prefixed variable wins over DATABASE_URL"
+    );
     assert_eq!(c.twilio.auth_tokens.len(), 2);
 
     // Bad values are reported all at once.

@@ -8,7 +8,7 @@ mod fake_smtp;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use fake_smtp::{Fault, FakeSmtp, Received};
+use fake_smtp::{FakeSmtp, Fault, Received};
 use optout_relay::config::{DatabaseConfig, EmailConfig, EmailTls};
 use optout_relay::domain::{EventKind, MessageSid, Phone};
 use optout_relay::sinks::email::EmailSink;
@@ -59,7 +59,15 @@ fn november() -> DateTime<Utc> {
 }
 
 /// Records one event with a delivery to each of `sinks`; returns its id.
-async fn record(store: &Store, n: u32, phone: &str, kind: EventKind, body: &str, at: DateTime<Utc>, sinks: &[&str]) -> i64 {
+async fn record(
+    store: &Store,
+    n: u32,
+    phone: &str,
+    kind: EventKind,
+    body: &str,
+    at: DateTime<Utc>,
+    sinks: &[&str],
+) -> i64 {
     let event = NewEvent {
         message_sid: MessageSid::parse(&format!("SM{n:032}")).unwrap(),
         account_sid: Some("AC00000000000000000000000000000001".into()),
@@ -96,7 +104,13 @@ async fn claim_email(store: &Store) -> Vec<DeliveryItem> {
         .await
         .unwrap()
         .into_iter()
-        .map(|d| DeliveryItem { id: d.id, event_id: d.event_id, phone: d.phone, kind: d.kind, received_at: d.received_at })
+        .map(|d| DeliveryItem {
+            id: d.id,
+            event_id: d.event_id,
+            phone: d.phone,
+            kind: d.kind,
+            received_at: d.received_at,
+        })
         .collect()
 }
 
@@ -132,8 +146,11 @@ async fn opt_out_with_records_updated_sends_one_message_to_every_recipient() {
     let env = env().await;
     let fake = FakeSmtp::start().await;
     let event_id = record(&env.store, 1, PHONE, EventKind::OptOut, "Stop", november(), &["redcap", "email"]).await;
-    settle_redcap(&env.store, Settle::Done(json!({"records": ["1", "7"], "matched": 2, "value": "2026-11-23 09:15:07"})))
-        .await;
+    settle_redcap(
+        &env.store,
+        Settle::Done(json!({"records": ["1", "7"], "matched": 2, "value": "2026-11-23 09:15:07"})),
+    )
+    .await;
     let items = claim_email(&env.store).await;
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].event_id, event_id);
@@ -204,7 +221,10 @@ async fn dead_redcap_delivery_is_reported_as_failed_with_what_to_do() {
     // Two failed attempts, then the relay gives up on the third.
     for _ in 0..2 {
         let error = "REDCap answered 403: You do not have API rights".to_owned();
-        assert_eq!(settle_redcap(&env.store, Settle::Retry { at: Utc::now() - chrono::Duration::seconds(1), error }).await, 1);
+        assert_eq!(
+            settle_redcap(&env.store, Settle::Retry { at: Utc::now() - chrono::Duration::seconds(1), error }).await,
+            1
+        );
         assert!(claim_email(&env.store).await.is_empty(), "email claimed while REDCap is still pending");
     }
     let dead = "gave up after 3 attempts: REDCap answered 403: You do not have API rights".to_owned();
@@ -229,8 +249,11 @@ async fn superseded_redcap_delivery_says_not_applied() {
     let env = env().await;
     let fake = FakeSmtp::start().await;
     record(&env.store, 1, PHONE, EventKind::OptOut, "STOP", november(), &["redcap", "email"]).await;
-    settle_redcap(&env.store, Settle::Done(json!({"superseded": true, "note": "a newer change for this phone was already delivered"})))
-        .await;
+    settle_redcap(
+        &env.store,
+        Settle::Done(json!({"superseded": true, "note": "a newer change for this phone was already delivered"})),
+    )
+    .await;
 
     let out = sink(&env.store, &config(fake.port(), |_| {})).apply(&claim_email(&env.store).await).await;
 
@@ -245,7 +268,9 @@ async fn without_other_sinks_the_change_was_recorded_only() {
     let fake = FakeSmtp::start().await;
     record(&env.store, 1, PHONE, EventKind::OptOut, "STOP", november(), &["email"]).await;
 
-    let out = sink(&env.store, &config(fake.port(), |c| c.timezone = "UTC".into())).apply(&claim_email(&env.store).await).await;
+    let out = sink(&env.store, &config(fake.port(), |c| c.timezone = "UTC".into()))
+        .apply(&claim_email(&env.store).await)
+        .await;
 
     assert!(out[0].is_ok(), "{out:?}");
     let body = only_message(&fake).body();
@@ -389,7 +414,8 @@ async fn one_refused_message_does_not_fail_the_others_in_the_batch() {
     let env = env().await;
     let fake = FakeSmtp::start().await;
     for n in 1..=3 {
-        record(&env.store, n, &format!("+1415555010{n}"), EventKind::OptOut, "STOP", november(), &["redcap", "email"]).await;
+        record(&env.store, n, &format!("+1415555010{n}"), EventKind::OptOut, "STOP", november(), &["redcap", "email"])
+            .await;
     }
     assert_eq!(settle_redcap(&env.store, Settle::Done(json!({"records": ["1"]}))).await, 3);
     let items = claim_email(&env.store).await;
@@ -406,7 +432,10 @@ async fn one_refused_message_does_not_fail_the_others_in_the_batch() {
     let subjects: Vec<String> = fake.messages().iter().map(|m| m.header("Subject").unwrap()).collect();
     assert_eq!(subjects, vec!["Opt-out: +1415***0101 texted STOP", "Opt-out: +1415***0103 texted STOP"]);
     let bodies: Vec<String> = fake.messages().iter().map(Received::body).collect();
-    assert!(bodies[0].contains("Phone:    +14155550101\n") && bodies[1].contains("Phone:    +14155550103\n"), "{bodies:?}");
+    assert!(
+        bodies[0].contains("Phone:    +14155550101\n") && bodies[1].contains("Phone:    +14155550103\n"),
+        "{bodies:?}"
+    );
 
     // A permanent refusal of one message is also that message's alone.
     fake.set_fault_for(Fault::RcptPermanent, 0, Some(1)).await;

@@ -102,11 +102,22 @@ async fn signature_quirks_are_all_accepted(b: Backend) {
         async move { app.post_raw(path, encode(&params), form, Some(&sig), &[]).await.status() }
     };
     // Default port added by Twilio.
-    assert_eq!(send("https://optout.example.org:443/twilio/messages".to_owned(), "/twilio/messages", vec![]).await, 200);
+    assert_eq!(
+        send("https://optout.example.org:443/twilio/messages".to_owned(), "/twilio/messages", vec![]).await,
+        200
+    );
     // Query string kept as received, percent-escapes not decoded.
-    assert_eq!(send(format!("{PUBLIC_URL}/twilio/messages?src=a%27b&x=1"), "/twilio/messages?src=a%27b&x=1", vec![]).await, 200);
+    assert_eq!(
+        send(format!("{PUBLIC_URL}/twilio/messages?src=a%27b&x=1"), "/twilio/messages?src=a%27b&x=1", vec![]).await,
+        200
+    );
     // Repeated keys and empty values.
-    let extra = vec![("Tag".into(), "b".into()), ("Tag".into(), "a".into()), ("Tag".into(), "a".into()), ("Empty".into(), String::new())];
+    let extra = vec![
+        ("Tag".into(), "b".into()),
+        ("Tag".into(), "a".into()),
+        ("Tag".into(), "a".into()),
+        ("Empty".into(), String::new()),
+    ];
     assert_eq!(send(format!("{PUBLIC_URL}/twilio/messages"), "/twilio/messages", extra).await, 200);
     // Unicode and reserved characters in a value; a field Twilio added without notice.
     let extra = vec![("Body2".into(), "Stop ✋ & = + %".into()), ("NewTwilioField".into(), "x".into())];
@@ -154,7 +165,10 @@ async fn shared_key_signatures_use_hmac_sha256(b: Backend) {
     let params2 = stop_params("SMsk2", "+14155550402", "STOP", Some("STOP"));
     let sha1_2 = compute(TOKEN, &url, &params2);
     assert_ne!(sha1, sha1_2);
-    assert_eq!(app.post_raw("/twilio/messages", encode(&params2), form, Some(&sha1_2), &[settings]).await.status(), 403);
+    assert_eq!(
+        app.post_raw("/twilio/messages", encode(&params2), form, Some(&sha1_2), &[settings]).await.status(),
+        403
+    );
     // Unknown key id.
     let unknown = ("x-twilio-webhooks-signature-settings", "key=KS999,algorithm=HMAC_SHA256");
     let sig = compute_sha256("shared-secret", &url, &params2);
@@ -195,7 +209,8 @@ async fn concurrent_webhooks_are_each_recorded_once(b: Backend) {
     let app = spawn_app_with(b, with_sink).await;
     let mut tasks = Vec::new();
     for i in 0..60 {
-        let params = stop_params(&format!("SMc{}", i % 40), &format!("+1415555{:04}", 1000 + i % 40), "STOP", Some("STOP"));
+        let params =
+            stop_params(&format!("SMc{}", i % 40), &format!("+1415555{:04}", 1000 + i % 40), "STOP", Some("STOP"));
         let (client, url) = (app.client.clone(), app.url("/twilio/messages"));
         tasks.push(tokio::spawn(async move { send_signed(&client, &url, &params).await }));
     }
@@ -220,7 +235,9 @@ async fn wrong_content_type_gets_415(b: Backend) {
     let app = spawn_app(b).await;
     let params = stop_params("SMjson", "+14155550801", "STOP", Some("STOP"));
     let sig = compute(TOKEN, &format!("{PUBLIC_URL}/twilio/messages"), &params);
-    let res = app.post_raw("/twilio/messages", "{\"From\":\"+14155550801\"}".into(), "application/json", Some(&sig), &[]).await;
+    let res = app
+        .post_raw("/twilio/messages", "{\"From\":\"+14155550801\"}".into(), "application/json", Some(&sig), &[])
+        .await;
     assert_eq!(res.status(), 415);
     let res = app.post_raw("/twilio/messages", encode(&params), "text/plain", Some(&sig), &[]).await;
     assert_eq!(res.status(), 415);
@@ -231,7 +248,9 @@ async fn wrong_content_type_gets_415(b: Backend) {
 async fn signed_but_missing_fields_get_400(b: Backend) {
     let app = spawn_app(b).await;
     let full = stop_params("SMm1", "+14155550901", "STOP", Some("STOP"));
-    let without = |name: &str| full.iter().filter(|(k, _)| k != name && !(name == "MessageSid" && k == "SmsSid")).cloned().collect::<Vec<_>>();
+    let without = |name: &str| {
+        full.iter().filter(|(k, _)| k != name && !(name == "MessageSid" && k == "SmsSid")).cloned().collect::<Vec<_>>()
+    };
     assert_eq!(app.post_signed(&without("From"), TOKEN).await.status(), 400);
     assert_eq!(app.post_signed(&without("MessageSid"), TOKEN).await.status(), 400);
     let not_a_phone = stop_params("SMm2", "client:alice", "STOP", Some("STOP"));
@@ -303,7 +322,9 @@ async fn a_failing_commit_answers_503_and_leaves_nothing_half_written(b: Backend
             "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$ LANGUAGE plpgsql",
             "CREATE TRIGGER refuse BEFORE INSERT ON deliveries FOR EACH ROW EXECUTE FUNCTION refuse()",
         ],
-        Backend::Sqlite => &["CREATE TRIGGER refuse BEFORE INSERT ON deliveries BEGIN SELECT RAISE(ABORT, 'disk full'); END"],
+        Backend::Sqlite => {
+            &["CREATE TRIGGER refuse BEFORE INSERT ON deliveries BEGIN SELECT RAISE(ABORT, 'disk full'); END"]
+        }
     };
     exec(&app.db_url, trigger).await;
     let stop = stop_params("SMhalf", "+14155551301", "STOP", Some("STOP"));
@@ -364,9 +385,17 @@ async fn a_batch_keeps_arrival_order_for_one_phone(b: Backend) {
     // The STOP arrives first but its sid sorts last.
     let batch = [event("SMzzzz", OptOut), event("SMaaaa", OptIn)];
     app.store.record_events(&batch, &["redcap"]).await.unwrap();
-    assert_eq!(app.store.opted_out(SERVICE, &phone("+14155551501")).await.unwrap(), Some(false), "the later START wins");
+    assert_eq!(
+        app.store.opted_out(SERVICE, &phone("+14155551501")).await.unwrap(),
+        Some(false),
+        "the later START wins"
+    );
     let rows = app.store.deliveries(None, 10).await.unwrap();
-    assert_eq!(rows.iter().map(|d| d.kind.as_str()).collect::<Vec<_>>(), ["opt_out", "opt_in"], "relayed in arrival order");
+    assert_eq!(
+        rows.iter().map(|d| d.kind.as_str()).collect::<Vec<_>>(),
+        ["opt_out", "opt_in"],
+        "relayed in arrival order"
+    );
     app.stop().await;
 }
 

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{NaiveDateTime, Utc};
-use common::fake_redcap::{CallKind, Fault, FakeProject, FakeRedcap};
+use common::fake_redcap::{CallKind, FakeProject, FakeRedcap, Fault};
 use common::*;
 use optout_relay::config::Config;
 use optout_relay::domain::{EventKind, MessageSid, Phone};
@@ -25,7 +25,12 @@ const FIELD: &str = "opted_out_at";
 fn project() -> FakeProject {
     FakeProject::new(
         REDCAP_TOKEN,
-        &[("study_id", "enrol", ""), ("name", "enrol", ""), ("phone", "enrol", ""), (FIELD, "enrol", "datetime_seconds_ymd")],
+        &[
+            ("study_id", "enrol", ""),
+            ("name", "enrol", ""),
+            ("phone", "enrol", ""),
+            (FIELD, "enrol", "datetime_seconds_ymd"),
+        ],
     )
 }
 
@@ -63,7 +68,8 @@ async fn pending(store: &Store) -> usize {
 }
 
 fn stamp_is_now_in_new_york(value: &str) {
-    let t = NaiveDateTime::parse_from_str(value, "%Y-%m-%d %H:%M:%S").unwrap_or_else(|_| panic!("not a datetime: {value:?}"));
+    let t = NaiveDateTime::parse_from_str(value, "%Y-%m-%d %H:%M:%S")
+        .unwrap_or_else(|_| panic!("not a datetime: {value:?}"));
     let now = Utc::now().with_timezone(&chrono_tz::America::New_York).naive_local();
     assert!((now - t).num_seconds().abs() < 60, "{value} is not the local time of the STOP ({now})");
 }
@@ -78,8 +84,14 @@ async fn stop_stamps_every_record_with_that_number_in_any_format(b: Backend) {
     let fake = FakeRedcap::start(p).await;
     let app = spawn_app_with(b, relay_to(&fake)).await;
 
-    assert_eq!(app.post_signed(&stop_params("SMe2e1", "+14155550101", "STOP", Some("STOP")), TOKEN).await.status(), 200);
-    eventually("all six records stamped", || async { (1..=6).all(|i| fake.value(&i.to_string(), None, FIELD).is_some_and(|v| !v.is_empty())) }).await;
+    assert_eq!(
+        app.post_signed(&stop_params("SMe2e1", "+14155550101", "STOP", Some("STOP")), TOKEN).await.status(),
+        200
+    );
+    eventually("all six records stamped", || async {
+        (1..=6).all(|i| fake.value(&i.to_string(), None, FIELD).is_some_and(|v| !v.is_empty()))
+    })
+    .await;
 
     let stamp = fake.value("1", None, FIELD).unwrap();
     stamp_is_now_in_new_york(&stamp);
@@ -93,8 +105,12 @@ async fn stop_stamps_every_record_with_that_number_in_any_format(b: Backend) {
 
     eventually("delivery done", || async { pending(&app.store).await == 0 }).await;
     let done = app.store.deliveries(Some("done"), 10).await.unwrap();
-    let mut records: Vec<String> =
-        done[0].result.as_ref().unwrap()["records"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    let mut records: Vec<String> = done[0].result.as_ref().unwrap()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
     records.sort();
     assert_eq!(records, ["1", "2", "3", "4", "5", "6"]);
     app.stop().await;
@@ -136,7 +152,12 @@ async fn a_stop_retried_after_a_later_start_never_restamps(b: Backend) {
         .call_log()
         .iter()
         .filter(|c| c.kind == CallKind::Import)
-        .map(|c| serde_json::from_str::<serde_json::Value>(c.param("data").unwrap()).unwrap()[0][FIELD].as_str().unwrap().to_owned())
+        .map(|c| {
+            serde_json::from_str::<serde_json::Value>(c.param("data").unwrap()).unwrap()[0][FIELD]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(writes.len(), 2, "{writes:?}");
     assert!(!writes[0].is_empty() && writes[1].is_empty(), "stamp then clear, in that order: {writes:?}");
@@ -144,7 +165,12 @@ async fn a_stop_retried_after_a_later_start_never_restamps(b: Backend) {
 }
 
 async fn a_dead_stop_replayed_after_the_start_landed_is_superseded(b: Backend) {
-    let fake = FakeRedcap::start(project().with_record("1", None, &[("phone", "415-555-0104"), (FIELD, "2020-01-01 00:00:00")])).await;
+    let fake = FakeRedcap::start(project().with_record(
+        "1",
+        None,
+        &[("phone", "415-555-0104"), (FIELD, "2020-01-01 00:00:00")],
+    ))
+    .await;
     fake.set_fault(Fault::Status500);
     let app = spawn_app_with(b, |c| {
         relay_to(&fake)(c);
@@ -180,7 +206,8 @@ async fn redcap_down_then_up_loses_nothing(b: Backend) {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(fake.value("1", None, FIELD).as_deref().unwrap_or(""), "");
     fake.set_fault(Fault::None);
-    eventually("stamped once REDCap is back", || async { fake.value("1", None, FIELD).is_some_and(|v| !v.is_empty()) }).await;
+    eventually("stamped once REDCap is back", || async { fake.value("1", None, FIELD).is_some_and(|v| !v.is_empty()) })
+        .await;
     eventually("done", || async { pending(&app.store).await == 0 }).await;
     assert!(app.store.deliveries(Some("done"), 10).await.unwrap()[0].attempts >= 2);
     app.stop().await;
@@ -204,7 +231,12 @@ async fn a_wrong_token_is_reported_and_everything_lands_once_fixed(b: Backend) {
 }
 
 async fn no_matching_record_is_done_with_zero_records(b: Backend) {
-    let fake = FakeRedcap::start(project().with_record("1", None, &[("phone", "")]).with_record("2", None, &[("phone", "415-555-0000")])).await;
+    let fake = FakeRedcap::start(project().with_record("1", None, &[("phone", "")]).with_record(
+        "2",
+        None,
+        &[("phone", "415-555-0000")],
+    ))
+    .await;
     let app = spawn_app_with(b, relay_to(&fake)).await;
     app.post_signed(&stop_params("SMnm1", "+14155550107", "STOP", Some("STOP")), TOKEN).await;
     eventually("done", || async { app.store.deliveries(Some("done"), 10).await.unwrap().len() == 1 }).await;
@@ -259,7 +291,8 @@ async fn the_study_team_is_emailed_what_redcap_did(b: Backend) {
     assert!(body.contains("+14155550110"), "{body}");
     assert!(body.contains("41"), "names the record updated: {body}");
     assert!(fake.value("41", None, FIELD).is_some_and(|v| !v.is_empty()), "REDCap was stamped first");
-    eventually("both deliveries done", || async { app.store.deliveries(Some("done"), 10).await.unwrap().len() == 2 }).await;
+    eventually("both deliveries done", || async { app.store.deliveries(Some("done"), 10).await.unwrap().len() == 2 })
+        .await;
     app.stop().await;
 }
 
@@ -309,7 +342,10 @@ async fn a_crashed_workers_lease_expires_and_the_delivery_is_retried(b: Backend)
     let (stop, handle) = serve(config).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fake.calls_of(CallKind::Import), 0, "not touched while the lease holds");
-    eventually("retried after the lease expired", || async { fake.value("1", None, FIELD).is_some_and(|v| !v.is_empty()) }).await;
+    eventually("retried after the lease expired", || async {
+        fake.value("1", None, FIELD).is_some_and(|v| !v.is_empty())
+    })
+    .await;
     eventually("done", || async { pending(&store).await == 0 }).await;
     assert_eq!(store.deliveries(Some("done"), 10).await.unwrap()[0].attempts, 2);
     stop.cancel();
@@ -386,7 +422,10 @@ async fn two_instances_on_one_postgres_apply_each_change_once_in_order() {
     for call in fake.call_log().iter().filter(|c| c.kind == CallKind::Import) {
         let rows: serde_json::Value = serde_json::from_str(call.param("data").unwrap()).unwrap();
         for row in rows.as_array().unwrap() {
-            writes.entry(row["study_id"].as_str().unwrap().to_owned()).or_default().push(!row[FIELD].as_str().unwrap().is_empty());
+            writes
+                .entry(row["study_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(!row[FIELD].as_str().unwrap().is_empty());
         }
     }
     for i in 0..20 {

@@ -46,8 +46,11 @@ async fn a_request_in_flight_at_shutdown_is_finished_and_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_in_hand_at_shutdown_is_finished() {
     let fake = FakeRedcap::start(
-        FakeProject::new("0123456789ABCDEF0123456789ABCDEF", &[("record_id", "f", ""), ("phone", "f", ""), ("opted_out_at", "f", "")])
-            .with_record("1", None, &[("phone", "4155550302")]),
+        FakeProject::new(
+            "0123456789ABCDEF0123456789ABCDEF",
+            &[("record_id", "f", ""), ("phone", "f", ""), ("opted_out_at", "f", "")],
+        )
+        .with_record("1", None, &[("phone", "4155550302")]),
     )
     .await;
     fake.set_latency(Duration::from_millis(700));
@@ -68,7 +71,10 @@ async fn a_delivery_in_hand_at_shutdown_is_finished() {
     let store = app.store.clone();
     let db_url = app.db_url.clone();
     app.shutdown.cancel();
-    let result = tokio::time::timeout(Duration::from_secs(15), app.handle).await.expect("stops within the grace period").unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(15), app.handle)
+        .await
+        .expect("stops within the grace period")
+        .unwrap();
     assert!(result.is_ok());
     assert!(fake.value("1", None, "opted_out_at").is_some_and(|v| !v.is_empty()), "the delivery in hand was completed");
     // The store was closed on the way out; read the outcome through a new pool.

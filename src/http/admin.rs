@@ -39,7 +39,10 @@ impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -127,7 +130,13 @@ async fn events(State(app): State<AppState>, Query(q): Query<EventQuery>) -> Res
         EventKind::parse(k).ok_or_else(|| ApiError::BadRequest("kind must be opt_out, opt_in or help".into()))?;
     }
     let limit = limit(q.limit);
-    let filter = EventFilter { phone: phone.map(|p| p.as_str().to_owned()), kind: q.kind, since: q.since, after_id: q.after, limit };
+    let filter = EventFilter {
+        phone: phone.map(|p| p.as_str().to_owned()),
+        kind: q.kind,
+        since: q.since,
+        after_id: q.after,
+        limit,
+    };
     let items = app.store.list_events(&filter).await?;
     let next_after = (items.len() as i64 == limit).then(|| items.last().map(|e| e.id)).flatten();
     Ok(Json(EventPage { items, next_after }))
@@ -149,14 +158,18 @@ struct DeliveryPage {
 }
 
 #[utoipa::path(get, path = "/v1/deliveries", params(DeliveryQuery), responses((status = 200, body = DeliveryPage), (status = 400), (status = 401)))]
-async fn deliveries(State(app): State<AppState>, Query(q): Query<DeliveryQuery>) -> Result<Json<DeliveryPage>, ApiError> {
+async fn deliveries(
+    State(app): State<AppState>,
+    Query(q): Query<DeliveryQuery>,
+) -> Result<Json<DeliveryPage>, ApiError> {
     if let Some(s) = q.status.as_deref() {
         if !matches!(s, "pending" | "dead" | "done") {
             return Err(ApiError::BadRequest("status must be pending, dead or done".into()));
         }
     }
     let limit = limit(q.limit);
-    let filter = DeliveryFilter { status: q.status, sink: q.sink, after_id: q.after, limit, ..DeliveryFilter::default() };
+    let filter =
+        DeliveryFilter { status: q.status, sink: q.sink, after_id: q.after, limit, ..DeliveryFilter::default() };
     let items = app.store.list_deliveries(&filter).await?;
     let next_after = (items.len() as i64 == limit).then(|| items.last().map(|d| d.id)).flatten();
     Ok(Json(DeliveryPage { items, next_after }))
@@ -172,7 +185,9 @@ async fn retry_one(State(app): State<AppState>, Path(id): Path<i64>) -> Result<J
             Ok(Json(json!({ "id": id, "status": "pending" })))
         }
         RetryOutcome::NotFound => Err(ApiError::NotFound(format!("no delivery {id}"))),
-        RetryOutcome::NotRetryable => Err(ApiError::Conflict(format!("delivery {id} is done or being delivered right now"))),
+        RetryOutcome::NotRetryable => {
+            Err(ApiError::Conflict(format!("delivery {id} is done or being delivered right now")))
+        }
     }
 }
 
@@ -204,12 +219,18 @@ struct Recorded {
 }
 
 #[utoipa::path(post, path = "/v1/opt-outs", request_body = StaffChange, responses((status = 201, body = Recorded), (status = 400), (status = 401), (status = 503)))]
-async fn opt_out(State(app): State<AppState>, body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>) -> Result<Response, ApiError> {
+async fn opt_out(
+    State(app): State<AppState>,
+    body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
     staff_change(app, body, EventKind::OptOut).await
 }
 
 #[utoipa::path(post, path = "/v1/opt-ins", request_body = StaffChange, responses((status = 201, body = Recorded), (status = 400), (status = 401), (status = 503)))]
-async fn opt_in(State(app): State<AppState>, body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>) -> Result<Response, ApiError> {
+async fn opt_in(
+    State(app): State<AppState>,
+    body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
     staff_change(app, body, EventKind::OptIn).await
 }
 

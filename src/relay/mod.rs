@@ -61,7 +61,17 @@ impl Worker {
         tracing::debug!(owner = %self.owner, "relay worker started");
         let mut store_backoff = self.policy.poll_interval;
         while !shutdown.is_cancelled() {
-            let idle = match self.store.claim(self.sink.name(), &self.owner, self.sink.batch_size(self.policy.batch_size), self.policy.lease, self.sink.reports_on_others()).await {
+            let idle = match self
+                .store
+                .claim(
+                    self.sink.name(),
+                    &self.owner,
+                    self.sink.batch_size(self.policy.batch_size),
+                    self.policy.lease,
+                    self.sink.reports_on_others(),
+                )
+                .await
+            {
                 Ok(batch) if batch.is_empty() => self.policy.poll_interval,
                 Ok(batch) => {
                     store_backoff = self.policy.poll_interval;
@@ -93,13 +103,26 @@ impl Worker {
         metrics::delivery(sink, "superseded", superseded.len() as u64);
         let mut settles: Vec<(i64, Settle)> = superseded
             .iter()
-            .map(|d| (d.id, Settle::Done(json!({ "superseded": true, "note": "a newer change for this phone was already delivered" }))))
+            .map(|d| {
+                (
+                    d.id,
+                    Settle::Done(
+                        json!({ "superseded": true, "note": "a newer change for this phone was already delivered" }),
+                    ),
+                )
+            })
             .collect();
 
         if !due.is_empty() {
             let items: Vec<DeliveryItem> = due
                 .iter()
-                .map(|d| DeliveryItem { id: d.id, event_id: d.event_id, phone: d.phone.clone(), kind: d.kind, received_at: d.received_at })
+                .map(|d| DeliveryItem {
+                    id: d.id,
+                    event_id: d.event_id,
+                    phone: d.phone.clone(),
+                    kind: d.kind,
+                    received_at: d.received_at,
+                })
                 .collect();
             let started = std::time::Instant::now();
             let outcomes = self.sink.apply(&items).await;
@@ -119,7 +142,14 @@ impl Worker {
                             logged_error = true;
                             log_failure(sink, items.len(), &error);
                         }
-                        let how = retry::after_failure(&self.policy, d.attempts, d.created_at, now, &error, rand::random::<f64>());
+                        let how = retry::after_failure(
+                            &self.policy,
+                            d.attempts,
+                            d.created_at,
+                            now,
+                            &error,
+                            rand::random::<f64>(),
+                        );
                         metrics::delivery(sink, if matches!(how, Settle::Dead(_)) { "dead" } else { "retry" }, 1);
                         if let Settle::Dead(reason) = &how {
                             tracing::error!(delivery = d.id, sink, %reason, "delivery dead-lettered; replay with `optout-relay replay --dead`");
@@ -144,7 +174,9 @@ impl Worker {
             ),
             Ok(_) => {}
             // The leases will expire and the deliveries be retried: nothing is lost.
-            Err(e) => tracing::error!(error = %e, deliveries = settles.len(), "cannot record the outcomes; they will be retried"),
+            Err(e) => {
+                tracing::error!(error = %e, deliveries = settles.len(), "cannot record the outcomes; they will be retried")
+            }
         }
     }
 }

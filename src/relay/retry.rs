@@ -115,7 +115,10 @@ mod tests {
         assert!(matches!(after_failure(&p, 10, now, now, &transient(None), 0.5), Settle::Dead(_)));
         let old = now - chrono::Duration::hours(2);
         assert!(matches!(after_failure(&p, 2, old, now, &transient(None), 0.5), Settle::Dead(_)));
-        assert!(matches!(after_failure(&p, 1, old, now, &transient(None), 0.5), Settle::Retry { .. }), "first failure always retried");
+        assert!(
+            matches!(after_failure(&p, 1, old, now, &transient(None), 0.5), Settle::Retry { .. }),
+            "first failure always retried"
+        );
         match after_failure(&p, 2, now, now, &transient(None), 0.5) {
             Settle::Retry { at, error } => {
                 assert_eq!((at - now).num_seconds(), 10);

@@ -125,7 +125,8 @@ impl EmailSink {
         let event = self.find_event(item).await?;
         let others = self.other_deliveries(item).await?;
         let notice = compose(item, self.tz, event.as_ref(), &others);
-        let message_id = format!("<optout-relay.{}.{:016x}@{}>", item.id, rand::random::<u64>(), self.from.email.domain());
+        let message_id =
+            format!("<optout-relay.{}.{:016x}@{}>", item.id, rand::random::<u64>(), self.from.email.domain());
         let message = self.message(&notice, &message_id).map_err(|e| Failure {
             error: SinkError::Misconfigured(format!("cannot build the notification email: {e}")),
             halt: false,
@@ -185,7 +186,9 @@ impl EmailSink {
         let encoded = base64::engine::general_purpose::STANDARD.encode(secret);
         let clean = |s: String| s.replace(secret, "[REDACTED]").replace(&encoded, "[REDACTED]");
         match error {
-            SinkError::Transient { message, retry_after } => SinkError::Transient { message: clean(message), retry_after },
+            SinkError::Transient { message, retry_after } => {
+                SinkError::Transient { message: clean(message), retry_after }
+            }
             SinkError::Misconfigured(message) => SinkError::Misconfigured(clean(message)),
         }
     }
@@ -230,7 +233,10 @@ fn classify(e: &lettre::transport::smtp::Error, server: &str) -> Failure {
         };
     }
     if e.is_transient() {
-        return Failure { error: transient(format!("SMTP server {server} answered a temporary failure: {e}")), halt: false };
+        return Failure {
+            error: transient(format!("SMTP server {server} answered a temporary failure: {e}")),
+            halt: false,
+        };
     }
     if e.is_timeout() {
         return Failure { error: transient(format!("SMTP server {server} timed out: {e}")), halt: true };
@@ -277,7 +283,9 @@ fn compose(item: &DeliveryItem, tz: Tz, event: Option<&EventRow>, others: &[Deli
     let headline = match (item.kind, staff) {
         (EventKind::OptOut, None) => format!("{phone} opted out of text messages (texted STOP)."),
         (EventKind::OptIn, None) => format!("{phone} opted back in to text messages (texted START)."),
-        (EventKind::OptOut, Some(who)) => format!("{phone} was opted out of text messages by staff ({}).", one_line(who)),
+        (EventKind::OptOut, Some(who)) => {
+            format!("{phone} was opted out of text messages by staff ({}).", one_line(who))
+        }
         (EventKind::OptIn, Some(who)) => {
             format!("{phone} was opted back in to text messages by staff ({}).", one_line(who))
         }
@@ -340,7 +348,9 @@ fn describe(row: &DeliveryRow) -> String {
         "dead" => format!(
             "{label} delivery FAILED after {}: {} - an operator must replay it (optout-relay replay --dead)",
             attempts(row.attempts),
-            row.last_error.as_deref().map_or_else(|| "no error recorded".to_owned(), |e| cut(&one_line(e), MAX_QUOTED_CHARS)),
+            row.last_error
+                .as_deref()
+                .map_or_else(|| "no error recorded".to_owned(), |e| cut(&one_line(e), MAX_QUOTED_CHARS)),
         ),
         // The relay waits for these, so this is only seen after a manual retry.
         "pending" => match &row.last_error {
@@ -533,7 +543,10 @@ mod tests {
     fn results_are_read_defensively() {
         assert_eq!(describe_done("REDCap", None), "REDCap: delivered");
         assert_eq!(describe_done("REDCap", Some(&json!({"records": "1"}))), "REDCap: delivered");
-        assert_eq!(describe_done("REDCap", Some(&json!({"records": ["a\nb", null, 3]}))), "REDCap records updated: a b, 3");
+        assert_eq!(
+            describe_done("REDCap", Some(&json!({"records": ["a\nb", null, 3]}))),
+            "REDCap records updated: a b, 3"
+        );
         assert_eq!(describe_done("REDCap", Some(&json!({"skipped": "help"}))), "REDCap: skipped (help)");
         assert_eq!(describe(&row("ehr", "done", 1, None, Some(json!({})))), "ehr: delivered");
     }
@@ -568,7 +581,8 @@ mod tests {
     #[test]
     fn long_or_multiline_message_text_is_quoted_on_one_line_and_cut() {
         let long = "x".repeat(600);
-        let n = compose(&item(EventKind::OptOut), ny(), Some(&event(&format!("STOP\r\nBcc: a@b\n{long}"), "twilio")), &[]);
+        let n =
+            compose(&item(EventKind::OptOut), ny(), Some(&event(&format!("STOP\r\nBcc: a@b\n{long}"), "twilio")), &[]);
         let line = n.body.lines().find(|l| l.starts_with("Message:")).unwrap();
         assert!(line.contains("STOP\\r\\nBcc: a@b\\n"), "{line}");
         assert!(line.ends_with("...\""), "{line}");

@@ -60,7 +60,8 @@ impl BatchWriter {
                             tracing::warn!(error = %e, batch = events.len(), "batch refused; recording its events one by one");
                             for (event, reply) in events.iter().zip(replies) {
                                 let one = store.record_events(std::slice::from_ref(event), &sinks).await;
-                                let one = one.and_then(|mut o| o.pop().ok_or_else(|| StoreError::Query("no outcome".into())));
+                                let one =
+                                    one.and_then(|mut o| o.pop().ok_or_else(|| StoreError::Query("no outcome".into())));
                                 let _ = reply.send(one);
                             }
                             if !sinks.is_empty() {
@@ -82,10 +83,7 @@ impl BatchWriter {
     /// Records one event; returns once its transaction committed (or failed).
     pub async fn record(&self, event: NewEvent) -> Result<RecordOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job { event, reply })
-            .await
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+        self.tx.send(Job { event, reply }).await.map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
         rx.await.map_err(|_| StoreError::Unavailable("writer stopped".into()))?
     }
 }

@@ -366,7 +366,11 @@ pub(crate) fn dedupe(events: &[NewEvent]) -> (Vec<usize>, Vec<usize>) {
 
 /// Maps per-unique outcomes back to every input: the first occurrence of a
 /// MessageSid gets its outcome, later copies in the same batch are duplicates.
-pub(crate) fn spread(events_len: usize, rep: &[usize], inserted: &std::collections::HashMap<usize, i64>) -> Vec<RecordOutcome> {
+pub(crate) fn spread(
+    events_len: usize,
+    rep: &[usize],
+    inserted: &std::collections::HashMap<usize, i64>,
+) -> Vec<RecordOutcome> {
     (0..events_len)
         .map(|i| match inserted.get(&i) {
             Some(id) if rep[i] == i => RecordOutcome::Recorded(*id),

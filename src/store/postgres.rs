@@ -13,8 +13,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use super::{
-    dedupe, spread, ClaimedDelivery, DeliveryFilter, DeliveryRow, EventFilter, EventRow, NewEvent, QueueStats, Readiness,
-    RecordOutcome, RetryOutcome, Settle, StateRow, StoreError,
+    dedupe, spread, ClaimedDelivery, DeliveryFilter, DeliveryRow, EventFilter, EventRow, NewEvent, QueueStats,
+    Readiness, RecordOutcome, RetryOutcome, Settle, StateRow, StoreError,
 };
 use crate::domain::{EventKind, Phone};
 
@@ -190,42 +190,47 @@ impl PgStore {
 
     /// Ends attempts in one transaction (one commit for a whole batch).
     /// Returns how many rows this owner still held.
-    pub async fn settle_many(&self, owner: &str, settles: &[(i64, Settle)], now: DateTime<Utc>) -> Result<u64, StoreError> {
+    pub async fn settle_many(
+        &self,
+        owner: &str,
+        settles: &[(i64, Settle)],
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut held = 0;
         for (id, how) in settles {
             let id = *id;
-        let q = match how {
-            Settle::Done(result) => sqlx::query(
-                "UPDATE deliveries SET status = 'done', result = $3::jsonb, completed_at = $4, updated_at = $4,
+            let q = match how {
+                Settle::Done(result) => sqlx::query(
+                    "UPDATE deliveries SET status = 'done', result = $3::jsonb, completed_at = $4, updated_at = $4,
                         locked_until = NULL, locked_by = NULL, last_error = NULL
                   WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
-            )
-            .bind(id)
-            .bind(owner)
-            .bind(result.to_string())
-            .bind(now),
-            Settle::Retry { at, error } => sqlx::query(
-                "UPDATE deliveries SET next_attempt_at = $3, last_error = $4, updated_at = $5,
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(result.to_string())
+                .bind(now),
+                Settle::Retry { at, error } => sqlx::query(
+                    "UPDATE deliveries SET next_attempt_at = $3, last_error = $4, updated_at = $5,
                         locked_until = NULL, locked_by = NULL
                   WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
-            )
-            .bind(id)
-            .bind(owner)
-            .bind(*at)
-            .bind(error.as_str())
-            .bind(now),
-            Settle::Dead(error) => sqlx::query(
-                "UPDATE deliveries SET status = 'dead', last_error = $3, completed_at = $4, updated_at = $4,
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(*at)
+                .bind(error.as_str())
+                .bind(now),
+                Settle::Dead(error) => sqlx::query(
+                    "UPDATE deliveries SET status = 'dead', last_error = $3, completed_at = $4, updated_at = $4,
                         locked_until = NULL, locked_by = NULL
                   WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
-            )
-            .bind(id)
-            .bind(owner)
-            .bind(error.as_str())
-            .bind(now),
-        };
-        held += q.execute(&mut *tx).await?.rows_affected();
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(error.as_str())
+                .bind(now),
+            };
+            held += q.execute(&mut *tx).await?.rows_affected();
         }
         tx.commit().await?;
         Ok(held)

@@ -84,7 +84,8 @@ mod tests {
 
     #[test]
     fn configured_keywords_replace_the_defaults() {
-        let cfg = KeywordsConfig { opt_out: vec!["ALTO".into()], opt_in: vec!["Sí".into()], ..KeywordsConfig::default() };
+        let cfg =
+            KeywordsConfig { opt_out: vec!["ALTO".into()], opt_in: vec!["Sí".into()], ..KeywordsConfig::default() };
         let k = Keywords::new(&cfg);
         assert_eq!(k.classify(None, "alto"), Some(EventKind::OptOut));
         assert_eq!(k.classify(None, "SÍ"), Some(EventKind::OptIn));

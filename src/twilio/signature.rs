@@ -138,7 +138,8 @@ fn mac_matches(algorithm: &Algorithm, key: &[u8], data: &[u8], expected: &[u8]) 
 pub fn compute(token: &str, url: &str, pairs: &[(String, String)]) -> String {
     let mut signed = url.to_owned();
     signed.push_str(&form_suffix(pairs));
-    let mut mac = Hmac::<Sha1>::new_from_slice(token.as_bytes()).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut mac =
+        Hmac::<Sha1>::new_from_slice(token.as_bytes()).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     mac.update(signed.as_bytes());
     B64.encode(mac.finalize().into_bytes())
 }
@@ -272,12 +273,20 @@ mod tests {
         let mut p = fixture();
         p.extend(pairs(&[("ReasonConferenceEnded", "test"), ("Reason", "Participant")]));
         assert_eq!(compute("12345", URL, &p), "vOEb5UThFn24KEfnOFLQY2AE5FY=");
-        assert!(verifier("12345").verify(&[URL.into()], Some("95+Bu0JVPi0r/SsESZCVf0dWAjw="), None, SignedBody::Form(&p)).is_err());
+        assert!(verifier("12345")
+            .verify(&[URL.into()], Some("95+Bu0JVPi0r/SsESZCVf0dWAjw="), None, SignedBody::Form(&p))
+            .is_err());
     }
 
     #[test]
     fn repeated_keys_are_sorted_and_deduplicated() {
-        let p = pairs(&[("Sid", "CA123"), ("SidAccount", "AC123"), ("Digits", "5678"), ("Digits", "1234"), ("Digits", "1234")]);
+        let p = pairs(&[
+            ("Sid", "CA123"),
+            ("SidAccount", "AC123"),
+            ("Digits", "5678"),
+            ("Digits", "1234"),
+            ("Digits", "1234"),
+        ]);
         assert_eq!(compute("12345", URL, &p), "IK+Dwps556ElfBT0I3Rgjkr1wJU=");
         let p = pairs(&[("Ticket", "b"), ("Ticket", "a"), ("From", "+12349013030")]);
         assert_eq!(compute("12345", "https://mycompany.com/myapp.php", &p), "lOr++WvcC/KeaRf5KdZJ0R/Ebyk=");
@@ -297,8 +306,14 @@ mod tests {
 
     #[test]
     fn quotes_in_the_query_stay_as_received() {
-        assert_eq!(compute("s3cr3t", "https://example.com/path?test=param'WithQuote", &[]), "GfI7onHX/KQ2k1oVS3cUTVk4IEw=");
-        assert_eq!(compute("s3cr3t", "https://example.com/path?test=param%27WithQuote", &[]), "HkuXLxVQ7zHv9LmGpzlLuGaxhJY=");
+        assert_eq!(
+            compute("s3cr3t", "https://example.com/path?test=param'WithQuote", &[]),
+            "GfI7onHX/KQ2k1oVS3cUTVk4IEw="
+        );
+        assert_eq!(
+            compute("s3cr3t", "https://example.com/path?test=param%27WithQuote", &[]),
+            "HkuXLxVQ7zHv9LmGpzlLuGaxhJY="
+        );
     }
 
     #[test]
@@ -362,7 +377,9 @@ mod tests {
         let hash = "0a1ff7634d9ab3b95db5c9a2dfe9416e41502b283a80c7cf19632632f96e6620";
         let url = format!("{URL}&bodySHA256={hash}");
         let v = verifier("12345");
-        assert!(v.verify(std::slice::from_ref(&url), Some("a9nBmqA0ju/hNViExpshrM61xv4="), None, SignedBody::Raw(body)).is_ok());
+        assert!(v
+            .verify(std::slice::from_ref(&url), Some("a9nBmqA0ju/hNViExpshrM61xv4="), None, SignedBody::Raw(body))
+            .is_ok());
         assert_eq!(
             v.verify(&[url], Some("a9nBmqA0ju/hNViExpshrM61xv4="), None, SignedBody::Raw(b"{}")),
             Err(SignatureError::BodyHashMismatch)
@@ -385,12 +402,19 @@ mod tests {
             ("OptOutType", "STOP"),
         ]);
         let v = verifier(token);
-        assert!(v.verify(std::slice::from_ref(&url), Some("6d+SmBi886STPr4lwH0fXaLz5rM="), None, SignedBody::Form(&p)).is_ok());
+        assert!(v
+            .verify(std::slice::from_ref(&url), Some("6d+SmBi886STPr4lwH0fXaLz5rM="), None, SignedBody::Form(&p))
+            .is_ok());
         p[5].1 = "Stop ✋ por favor".to_owned();
-        assert!(v.verify(std::slice::from_ref(&url), Some("ivgtYvSZPDMHLLGAzju1b4l5Q3U="), None, SignedBody::Form(&p)).is_ok());
+        assert!(v
+            .verify(std::slice::from_ref(&url), Some("ivgtYvSZPDMHLLGAzju1b4l5Q3U="), None, SignedBody::Form(&p))
+            .is_ok());
         // Any change to a signed value is refused.
         p[3].1 = "+14155550102".to_owned();
-        assert_eq!(v.verify(&[url], Some("ivgtYvSZPDMHLLGAzju1b4l5Q3U="), None, SignedBody::Form(&p)), Err(SignatureError::Mismatch));
+        assert_eq!(
+            v.verify(&[url], Some("ivgtYvSZPDMHLLGAzju1b4l5Q3U="), None, SignedBody::Form(&p)),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]
@@ -399,11 +423,20 @@ mod tests {
         let v = Verifier::new(vec![SecretString::from("new-token"), SecretString::from("12345")], BTreeMap::new());
         assert!(v.verify(&[URL.into()], Some("RSOYDt4T1cUTdK1PDd93/VVr8B8="), None, SignedBody::Form(&p)).is_ok());
         let v = verifier("wrong");
-        assert_eq!(v.verify(&[URL.into()], Some("RSOYDt4T1cUTdK1PDd93/VVr8B8="), None, SignedBody::Form(&p)), Err(SignatureError::Mismatch));
+        assert_eq!(
+            v.verify(&[URL.into()], Some("RSOYDt4T1cUTdK1PDd93/VVr8B8="), None, SignedBody::Form(&p)),
+            Err(SignatureError::Mismatch)
+        );
         assert_eq!(v.verify(&[URL.into()], None, None, SignedBody::Form(&p)), Err(SignatureError::Missing));
-        assert_eq!(v.verify(&[URL.into()], Some("not base64!"), None, SignedBody::Form(&p)), Err(SignatureError::Malformed));
+        assert_eq!(
+            v.verify(&[URL.into()], Some("not base64!"), None, SignedBody::Form(&p)),
+            Err(SignatureError::Malformed)
+        );
         let none = Verifier::new(vec![], BTreeMap::new());
-        assert_eq!(none.verify(&[URL.into()], Some("RSOYDt4T1cUTdK1PDd93/VVr8B8="), None, SignedBody::Form(&p)), Err(SignatureError::NoCredentials));
+        assert_eq!(
+            none.verify(&[URL.into()], Some("RSOYDt4T1cUTdK1PDd93/VVr8B8="), None, SignedBody::Form(&p)),
+            Err(SignatureError::NoCredentials)
+        );
     }
 
     #[test]

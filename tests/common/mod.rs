@@ -40,7 +40,9 @@ pub async fn fresh_database(backend: Backend, dir: &tempfile::TempDir) -> String
         Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("relay.db").display()),
         Backend::Postgres => {
             let name = format!("optout_test_{}", rand::random::<u64>());
-            let mut conn = sqlx::PgConnection::connect(&admin_url()).await.expect("PostgreSQL must be running for the tests (see .ci/run)");
+            let mut conn = sqlx::PgConnection::connect(&admin_url())
+                .await
+                .expect("PostgreSQL must be running for the tests (see .ci/run)");
             sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
             let base = admin_url();
             let root = base.rsplit_once('/').map_or(base.as_str(), |(r, _)| r).to_owned();
