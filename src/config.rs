@@ -171,6 +171,14 @@ pub struct KeywordsConfig {
     pub default_region: String,
 }
 
+impl KeywordsConfig {
+    /// `default_region` as a libphonenumber region (`None` if it is not one;
+    /// `Config::problems` reports that, so past validation it is always `Some`).
+    pub fn region(&self) -> Option<phonenumber::country::Id> {
+        crate::domain::parse_region(&self.default_region)
+    }
+}
+
 impl Default for KeywordsConfig {
     fn default() -> Self {
         let list = |words: &[&str]| words.iter().map(|w| (*w).to_owned()).collect();
@@ -382,7 +390,7 @@ impl Config {
         if self.database.max_connections == 0 {
             out.push("database.max_connections must be at least 1".to_owned());
         }
-        if crate::domain::parse_region(&self.keywords.default_region).is_none() {
+        if self.keywords.region().is_none() {
             out.push(format!(
                 "keywords.default_region {:?} is not an ISO 3166 region code such as US",
                 self.keywords.default_region

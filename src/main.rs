@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use optout_relay::config::Config;
-use optout_relay::domain::{parse_region, EventKind, Phone};
+use optout_relay::domain::{EventKind, Phone};
 use optout_relay::ops;
 use optout_relay::sinks::redcap::RedcapSink;
 use optout_relay::startup::Application;
@@ -130,7 +130,7 @@ async fn check_config(config: Config) -> anyhow::Result<ExitCode> {
     let mut lines = Vec::new();
     // Only a config that is valid by itself is worth testing against REDCap.
     if problems.is_empty() {
-        if let (Some(cfg), Some(region)) = (&config.redcap, parse_region(&config.keywords.default_region)) {
+        if let (Some(cfg), Some(region)) = (&config.redcap, config.keywords.region()) {
             match RedcapSink::new(cfg, region) {
                 Ok(sink) => {
                     for line in sink.check().await {
@@ -171,7 +171,7 @@ async fn replay(config: Config, dead: bool, sink: Option<String>) -> anyhow::Res
 }
 
 fn phone_arg(config: &Config, raw: &str) -> anyhow::Result<Phone> {
-    let region = parse_region(&config.keywords.default_region).context("keywords.default_region")?;
+    let region = config.keywords.region().context("keywords.default_region")?;
     Phone::parse(raw, region).map_err(|_| anyhow::anyhow!("{raw:?} is not a phone number"))
 }
 

@@ -11,7 +11,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::domain::parse_region;
 use crate::http::{self, AppState, Inner};
 use crate::relay;
 use crate::sinks::email::EmailSink;
@@ -63,8 +62,7 @@ impl Application {
         let writers = if store.backend() == "postgres" { 2 } else { 1 };
         let writer = BatchWriter::spawn(store.clone(), config.sink_names(), writers, recorded.clone());
         let twilio = &config.twilio;
-        let region = parse_region(&config.keywords.default_region)
-            .ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
+        let region = config.keywords.region().ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
         let state = AppState::new(Inner {
             store: store.clone(),
             writer,
@@ -155,12 +153,10 @@ pub fn build_sinks(
 ) -> Result<Vec<Arc<Sink>>, StartError> {
     let mut sinks = Vec::new();
     if let Some(cfg) = &config.redcap {
-        crate::install_tls_provider();
         let sink = RedcapSink::new(cfg, region).map_err(|e| StartError::Config(format!("redcap: {e}")))?;
         sinks.push(Arc::new(Sink::Redcap(sink)));
     }
     if let Some(cfg) = &config.email {
-        crate::install_tls_provider();
         let sink = EmailSink::new(cfg, store.clone()).map_err(|e| StartError::Config(format!("email: {e}")))?;
         sinks.push(Arc::new(Sink::Email(sink)));
     }
