@@ -1,18 +1,21 @@
 //! Operator actions shared by the admin API and the command line, so both
 //! answer the same question the same way.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::domain::{EventKind, MessageSid, Phone};
-use crate::store::{
-    DeliveryFilter, DeliveryRow, EventFilter, EventRow, NewEvent, RecordOutcome, StateRow, Store, StoreError,
-};
+use crate::store::{DeliveryRow, EventRow, NewEvent, RecordOutcome, StateRow, Store, StoreError};
 
 /// Scope of a revocation staff recorded without naming one: the whole
 /// organisation, since the FCC rule lets a person revoke "by any reasonable means".
 pub const ORGANISATION_SCOPE: &str = "organisation";
+
+/// How many of a phone's events `phone_status` shows: the newest ones.
+pub const PHONE_HISTORY_LIMIT: i64 = 500;
 
 /// "Is this number opted out, since when, and did REDCap get it?"
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -21,7 +24,7 @@ pub struct PhoneStatus {
     /// True when any scope's newest event is an opt-out.
     pub opted_out: bool,
     pub states: Vec<StateRow>,
-    /// Newest first, each with its deliveries.
+    /// The newest events (up to [`PHONE_HISTORY_LIMIT`]), newest first, each with its deliveries.
     pub events: Vec<EventWithDeliveries>,
 }
 
@@ -34,18 +37,19 @@ pub struct EventWithDeliveries {
 
 pub async fn phone_status(store: &Store, phone: &Phone) -> Result<PhoneStatus, StoreError> {
     let states = store.states(phone).await?;
-    let filter = EventFilter { phone: Some(phone.as_str().to_owned()), limit: 500, ..EventFilter::default() };
-    let events = store.list_events(&filter).await?;
-    let dfilter = DeliveryFilter { phone: Some(phone.as_str().to_owned()), limit: 2000, ..DeliveryFilter::default() };
-    let deliveries = store.list_deliveries(&dfilter).await?;
-    let mut events: Vec<EventWithDeliveries> = events
+    let events = store.recent_events(phone, PHONE_HISTORY_LIMIT).await?;
+    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+    let mut by_event: HashMap<i64, Vec<DeliveryRow>> = HashMap::new();
+    for d in store.deliveries_of_events(&ids).await? {
+        by_event.entry(d.event_id).or_default().push(d);
+    }
+    let events = events
         .into_iter()
         .map(|event| {
-            let mine = deliveries.iter().filter(|d| d.event_id == event.id).cloned().collect();
-            EventWithDeliveries { event, deliveries: mine }
+            let deliveries = by_event.remove(&event.id).unwrap_or_default();
+            EventWithDeliveries { event, deliveries }
         })
         .collect();
-    events.reverse();
     Ok(PhoneStatus { phone: phone.as_str().to_owned(), opted_out: states.iter().any(|s| s.opted_out), states, events })
 }
 

@@ -145,7 +145,7 @@ impl Worker {
                         let how = retry::after_failure(
                             &self.policy,
                             d.attempts,
-                            d.created_at,
+                            d.queued_at,
                             now,
                             &error,
                             rand::random::<f64>(),

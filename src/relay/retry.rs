@@ -37,16 +37,17 @@ pub fn jitter(delay: Duration, unit: f64) -> Duration {
 }
 
 /// What to do with a delivery whose attempt number `attempts` just failed.
+/// `queued_at` is when it last entered the queue: `max_age` counts from there.
 pub fn after_failure(
     policy: &RelayConfig,
     attempts: i32,
-    created_at: DateTime<Utc>,
+    queued_at: DateTime<Utc>,
     now: DateTime<Utc>,
     error: &SinkError,
     unit: f64,
 ) -> Settle {
     let message = error.to_string();
-    let age = (now - created_at).to_std().unwrap_or_default();
+    let age = (now - queued_at).to_std().unwrap_or_default();
     if u32::try_from(attempts).unwrap_or(0) >= policy.max_attempts {
         return Settle::Dead(format!("gave up after {attempts} attempts: {message}"));
     }
