@@ -19,23 +19,25 @@ use crate::domain::{EventKind, Phone};
 /// The claim, with `lock` (the dialect's row-lock clause) after the pick.
 pub(super) fn claim_sql(lock: &str) -> String {
     format!(
-        "UPDATE deliveries
+        // The pick is a materialised CTE so it runs (and locks) exactly once.
+        "WITH picked AS MATERIALIZED (
+             SELECT c.id FROM deliveries c
+              WHERE c.sink = $1 AND c.status = 'pending' AND c.next_attempt_at <= $5
+                AND (c.locked_until IS NULL OR c.locked_until <= $5)
+                -- Only a phone's oldest pending delivery, so changes apply in order.
+                -- A scalar subquery rather than NOT EXISTS: on a table without
+                -- statistics yet the planner turned the anti-join into a quadratic scan.
+                AND c.id = (SELECT min(o.id) FROM deliveries o
+                             WHERE o.sink = c.sink AND o.phone = c.phone AND o.status = 'pending')
+                AND NOT ($6 AND EXISTS (SELECT 1 FROM deliveries w
+                                         WHERE w.event_id = c.event_id AND w.sink <> c.sink
+                                           AND w.status = 'pending'))
+              ORDER BY c.next_attempt_at, c.id
+              LIMIT $2
+              {lock})
+         UPDATE deliveries
             SET locked_until = $4, locked_by = $3, attempts = attempts + 1, updated_at = $5, next_attempt_at = $4
-          WHERE id IN (
-                SELECT c.id FROM deliveries c
-                 WHERE c.sink = $1 AND c.status = 'pending' AND c.next_attempt_at <= $5
-                   AND (c.locked_until IS NULL OR c.locked_until <= $5)
-                   -- Only a phone's oldest pending delivery, so changes apply in order.
-                   -- A scalar subquery rather than NOT EXISTS: on a table without
-                   -- statistics yet the planner turned the anti-join into a quadratic scan.
-                   AND c.id = (SELECT min(o.id) FROM deliveries o
-                                WHERE o.sink = c.sink AND o.phone = c.phone AND o.status = 'pending')
-                   AND NOT ($6 AND EXISTS (SELECT 1 FROM deliveries w
-                                            WHERE w.event_id = c.event_id AND w.sink <> c.sink
-                                              AND w.status = 'pending'))
-                 ORDER BY c.next_attempt_at, c.id
-                 LIMIT $2
-                 {lock})
+          WHERE id IN (SELECT id FROM picked)
           RETURNING id, event_id, phone, kind, attempts, created_at, queued_at,
                     (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id) AS received_at,
                     EXISTS (SELECT 1 FROM deliveries n
