@@ -4,7 +4,8 @@
 //! The path of a webhook reads as the module list: `http` (router, handlers,
 //! error mapping) → `twilio` (signature, form, keywords) → `store` (events,
 //! state, delivery queue) → `relay` (workers, retry policy, ordering) →
-//! `sinks` (REDCap, …). `startup` builds the whole application in one place.
+//! `sinks` (REDCap, …). `startup` builds the whole application in one place;
+//! `supervise` restarts the background loops it starts if they panic.
 
 pub mod config;
 pub mod domain;
@@ -15,6 +16,7 @@ pub mod relay;
 pub mod sinks;
 pub mod startup;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 pub mod twilio;
 

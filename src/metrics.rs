@@ -3,7 +3,11 @@
 //!
 //! Queue gauges (pending deliveries, age of the oldest pending one, dead
 //! letters) are read from the store at scrape time, so they are exact and
-//! every replica reports the shared queue.
+//! every replica reports the shared queue. When that read fails the queue
+//! gauges keep their last values, so `optout_queue_stats_up` (0/1) and
+//! `optout_queue_stats_last_success_timestamp_seconds` say whether they are
+//! current: alert on `optout_queue_stats_up == 0`, or on the timestamp
+//! falling behind.
 
 use std::sync::OnceLock;
 
@@ -41,6 +45,21 @@ fn describe() {
         "Age of the oldest pending delivery, by sink: the FCC's 10-business-day clock"
     );
     describe_gauge!("optout_dead_deliveries", "Dead-lettered deliveries awaiting an operator, by sink");
+    describe_gauge!(
+        "optout_queue_stats_up",
+        "1 when the queue gauges (pending, oldest age, dead) were read from the store at this scrape; \
+         0 when the read failed and they still show the last values read"
+    );
+    describe_gauge!(
+        "optout_queue_stats_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last scrape that read the queue gauges from the store (absent until one did)"
+    );
+    describe_counter!(
+        "optout_task_panics_total",
+        "Panics of supervised background tasks (batch-writer-N, relay-SINK-N, migrations), by task; \
+         each is followed by a restart after a backoff unless the service is shutting down"
+    );
     describe_histogram!("optout_webhook_duration_seconds", Unit::Seconds, "Webhook handling time");
     describe_histogram!("optout_sink_call_duration_seconds", Unit::Seconds, "Calls to a sink's API, by sink and call");
 }
@@ -74,4 +93,18 @@ pub fn queue(sink: &str, pending: i64, oldest_age_seconds: f64, dead: i64) {
     metrics::gauge!("optout_pending_deliveries", "sink" => sink.clone()).set(pending as f64);
     metrics::gauge!("optout_oldest_pending_delivery_age_seconds", "sink" => sink.clone()).set(oldest_age_seconds);
     metrics::gauge!("optout_dead_deliveries", "sink" => sink).set(dead as f64);
+}
+
+/// Whether the queue gauges were refreshed at this scrape; on success also
+/// stamps the time, so a stale reading can be told from a quiet queue.
+pub fn queue_stats_read(ok: bool) {
+    metrics::gauge!("optout_queue_stats_up").set(if ok { 1.0 } else { 0.0 });
+    if ok {
+        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        metrics::gauge!("optout_queue_stats_last_success_timestamp_seconds").set(now);
+    }
+}
+
+pub fn task_panic(task: &str) {
+    metrics::counter!("optout_task_panics_total", "task" => task.to_owned()).increment(1);
 }

@@ -18,6 +18,7 @@ use crate::sinks::redcap::RedcapSink;
 use crate::sinks::Sink;
 use crate::store::batch::BatchWriter;
 use crate::store::Store;
+use crate::supervise::{self, Tasks};
 use crate::twilio::keywords::Keywords;
 use crate::twilio::signature::Verifier;
 
@@ -39,6 +40,10 @@ pub struct Application {
     sinks: Vec<Arc<Sink>>,
     /// Notified when new deliveries were committed: wakes the relay.
     recorded: Arc<Notify>,
+    /// Every supervised background task, for `/readyz`.
+    tasks: Tasks,
+    /// Stops restarting batch writers; cancelled once the server has stopped.
+    writers_stop: CancellationToken,
 }
 
 impl Application {
@@ -60,7 +65,16 @@ impl Application {
         let recorded = Arc::new(Notify::new());
         // PostgreSQL overlaps commits from two writers; SQLite has one write lock.
         let writers = if store.backend() == "postgres" { 2 } else { 1 };
-        let writer = BatchWriter::spawn(store.clone(), config.sink_names(), writers, recorded.clone());
+        let tasks = Tasks::new();
+        let writers_stop = CancellationToken::new();
+        let writer = BatchWriter::spawn(
+            store.clone(),
+            config.sink_names(),
+            writers,
+            recorded.clone(),
+            &tasks,
+            writers_stop.clone(),
+        );
         let twilio = &config.twilio;
         let region = config.keywords.region().ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
         let state = AppState::new(Inner {
@@ -75,9 +89,12 @@ impl Application {
             sinks: config.sink_names(),
             relay_wake: recorded.clone(),
         });
-        let router = http::router(state, config.server.max_body_bytes, config.admin.tokens.clone());
+        // The task registry reaches `/readyz` as an extension: it is built
+        // here, beside the tasks, rather than being part of the request state.
+        let router = http::router(state, config.server.max_body_bytes, config.admin.tokens.clone())
+            .layer(axum::Extension(tasks.clone()));
         let sinks = build_sinks(&config, region, &store)?;
-        Ok(Application { listener, router, store, config, sinks, recorded })
+        Ok(Application { listener, router, store, config, sinks, recorded, tasks, writers_stop })
     }
 
     fn warn_about(config: &Config, addr: SocketAddr) {
@@ -112,13 +129,14 @@ impl Application {
     /// closes the pool.
     pub async fn run_until(self, shutdown: CancellationToken) -> std::io::Result<()> {
         if self.config.database.run_migrations_on_start {
-            spawn_migrations(self.store.clone(), shutdown.clone());
+            spawn_migrations(self.store.clone(), &self.tasks, shutdown.clone());
         }
         let workers = relay::spawn(
             self.store.clone(),
             self.sinks.clone(),
             self.config.relay.clone(),
             self.recorded.clone(),
+            &self.tasks,
             shutdown.clone(),
         );
         let grace = self.config.server.shutdown_grace;
@@ -136,6 +154,8 @@ impl Application {
                 Ok(())
             }
         };
+        // The requests are answered: a writer that panics now has nobody to serve.
+        self.writers_stop.cancel();
         // Workers finish the batch in hand; a lease they cannot settle expires
         // and the delivery is retried, so a bounded wait loses nothing.
         let _ = tokio::time::timeout(grace, futures_util::future::join_all(workers)).await;
@@ -164,23 +184,28 @@ pub fn build_sinks(
 }
 
 /// Applies migrations, retrying while the database is unreachable so a
-/// container can start before its database.
-fn spawn_migrations(store: Store, shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(500);
-        loop {
-            match store.migrate().await {
-                Ok(()) => {
-                    tracing::info!(backend = store.backend(), "migrations applied");
-                    return;
-                }
-                Err(e) => tracing::error!(error = %e, "cannot apply migrations yet; retrying"),
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(30));
-        }
+/// container can start before its database. Supervised as `migrations`; the
+/// supervision ends once they are applied.
+fn spawn_migrations(store: Store, tasks: &Tasks, shutdown: CancellationToken) {
+    supervise::spawn("migrations".into(), tasks, shutdown.clone(), move || {
+        migrate_until_applied(store.clone(), shutdown.clone())
     });
+}
+
+async fn migrate_until_applied(store: Store, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match store.migrate().await {
+            Ok(()) => {
+                tracing::info!(backend = store.backend(), "migrations applied");
+                return;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot apply migrations yet; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
 }

@@ -22,28 +22,35 @@ use crate::config::RelayConfig;
 use crate::metrics;
 use crate::sinks::{DeliveryItem, Sink, SinkError};
 use crate::store::{ClaimedDelivery, Settle, Store};
+use crate::supervise::{self, Tasks};
 
-/// Starts `policy.workers` workers per sink. They stop after the batch in
-/// hand once `shutdown` is cancelled (a lease they cannot settle expires and
-/// the work is retried elsewhere).
+/// Starts `policy.workers` supervised workers per sink (`relay-SINK-N` in
+/// `tasks`; one that panics is restarted, see `crate::supervise`). They stop
+/// after the batch in hand once `shutdown` is cancelled (a lease they cannot
+/// settle expires and the work is retried elsewhere).
 pub fn spawn(
     store: Store,
     sinks: Vec<Arc<Sink>>,
     policy: RelayConfig,
     wake: Arc<Notify>,
+    tasks: &Tasks,
     shutdown: CancellationToken,
 ) -> Vec<JoinHandle<()>> {
     let instance = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
     let mut handles = Vec::new();
     for sink in sinks {
         for n in 0..policy.workers {
-            let worker = Worker {
+            let worker = Arc::new(Worker {
                 store: store.clone(),
                 sink: sink.clone(),
                 policy: policy.clone(),
                 owner: format!("{instance}-{}-{n}", sink.name()),
-            };
-            handles.push(tokio::spawn(worker.run(wake.clone(), shutdown.clone())));
+            });
+            let (wake, stop) = (wake.clone(), shutdown.clone());
+            let name = format!("relay-{}-{n}", sink.name());
+            handles.push(supervise::spawn(name, tasks, shutdown.clone(), move || {
+                worker.clone().run(wake.clone(), stop.clone())
+            }));
         }
     }
     handles
@@ -57,7 +64,7 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
+    async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
         tracing::debug!(owner = %self.owner, "relay worker started");
         let mut store_backoff = self.policy.poll_interval;
         while !shutdown.is_cancelled() {
