@@ -88,11 +88,9 @@ impl Application {
             mask_phones: config.log.mask_phones,
             sinks: config.sink_names(),
             relay_wake: recorded.clone(),
+            tasks: tasks.clone(),
         });
-        // The task registry reaches `/readyz` as an extension: it is built
-        // here, beside the tasks, rather than being part of the request state.
-        let router = http::router(state, config.server.max_body_bytes, config.admin.tokens.clone())
-            .layer(axum::Extension(tasks.clone()));
+        let router = http::router(state, config.server.max_body_bytes, config.admin.tokens.clone());
         let sinks = build_sinks(&config, region, &store)?;
         Ok(Application { listener, router, store, config, sinks, recorded, tasks, writers_stop })
     }

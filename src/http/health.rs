@@ -5,12 +5,11 @@
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use super::AppState;
-use crate::supervise::Tasks;
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
@@ -19,9 +18,9 @@ pub async fn healthz() -> Json<Value> {
 /// `checks.tasks` is `"ok"`, or `{"status": "failing", "failing": [names]}`
 /// when a supervised task keeps panicking (see `supervise` for when that is):
 /// such a replica drops webhooks or stops a sink, so it is not ready.
-pub async fn readyz(State(app): State<AppState>, Extension(tasks): Extension<Tasks>) -> (StatusCode, Json<Value>) {
+pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
     let r = app.store.readiness().await;
-    let failing = tasks.failing();
+    let failing = app.tasks.failing();
     let ready = r.database && r.migrations && failing.is_empty();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let word = |ok: bool| if ok { "ok" } else { "failing" };

@@ -42,6 +42,8 @@ pub struct Inner {
     pub sinks: Vec<&'static str>,
     /// Wakes the relay workers (after a retry was requested).
     pub relay_wake: Arc<tokio::sync::Notify>,
+    /// The supervised background tasks, for `/readyz`.
+    pub tasks: crate::supervise::Tasks,
 }
 
 impl std::ops::Deref for AppState {
