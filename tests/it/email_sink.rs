@@ -547,12 +547,17 @@ async fn a_certificate_nobody_trusts_is_refused() {
 #[tokio::test]
 async fn an_unreadable_or_empty_ca_file_is_refused_at_startup_naming_the_setting() {
     let env = env().await;
-    let missing = config(25, |c| c.ca_file = Some(env._dir.path().join("nope.pem")));
-    let err = EmailSink::new(&missing, env.store.clone()).err().expect("refused");
+    let with_ca = |path: std::path::PathBuf| {
+        config(25, |c| {
+            c.tls = EmailTls::Starttls;
+            c.ca_file = Some(path);
+        })
+    };
+    let err = EmailSink::new(&with_ca(env._dir.path().join("nope.pem")), env.store.clone()).err().expect("refused");
     assert!(err.contains("email.ca_file") && err.contains("nope.pem"), "{err}");
 
     let empty = env._dir.path().join("empty.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
-    let err = EmailSink::new(&config(25, |c| c.ca_file = Some(empty)), env.store.clone()).err().expect("refused");
+    let err = EmailSink::new(&with_ca(empty), env.store.clone()).err().expect("refused");
     assert!(err.contains("email.ca_file") && err.contains("no PEM certificate"), "{err}");
 }
