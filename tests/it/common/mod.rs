@@ -178,7 +178,7 @@ impl TestApp {
 
     pub async fn stop(self) {
         self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
+        let _ = tokio::time::timeout(PATIENCE, self.handle).await;
         drop_database(&self.db_url).await;
     }
 }
