@@ -37,7 +37,7 @@
 //! `--pg-admin-url` (default postgres://postgres@127.0.0.1:5432/postgres) and
 //! drops it at the end.
 
-#[path = "../tests/common/fake_redcap.rs"]
+#[path = "../tests/it/common/fake_redcap.rs"]
 mod fake_redcap;
 
 use std::collections::{HashMap, HashSet};

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
@@ -78,6 +78,11 @@ pub struct EmailConfig {
     pub timezone: String,
     #[serde(default = "default_smtp_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// A PEM file of extra root certificates trusted for the server's TLS
+    /// certificate, on top of the built-in ones: for a relay whose
+    /// certificate comes from the organisation's private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_smtp_timeout() -> Duration {
@@ -85,6 +90,22 @@ fn default_smtp_timeout() -> Duration {
 }
 
 impl EmailConfig {
+    /// The PEM text of `ca_file` (None when unset), checked to hold at least
+    /// one certificate; the error names the setting and the file.
+    pub fn extra_roots(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(path) = &self.ca_file else { return Ok(None) };
+        use rustls::pki_types::pem::PemObject as _;
+        let pem = std::fs::read(path).map_err(|e| format!("email.ca_file {}: {e}", path.display()))?;
+        // Parsed the way the TLS client will parse it, so what passes here loads there.
+        let certificates = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("email.ca_file {}: {e}", path.display()))?;
+        if certificates.is_empty() {
+            return Err(format!("email.ca_file {} holds no PEM certificate", path.display()));
+        }
+        Ok(Some(pem))
+    }
+
     pub fn port(&self) -> u16 {
         self.smtp_port.unwrap_or(match self.tls {
             EmailTls::None => 25,
@@ -441,6 +462,12 @@ impl Config {
             }
             if e.username.is_some() != e.password.is_some() {
                 out.push("email.username and email.password go together".to_owned());
+            }
+            if e.ca_file.is_some() && e.tls == EmailTls::None {
+                out.push("email.ca_file is set but email.tls is \"none\": no certificate would be checked".to_owned());
+            }
+            if let Err(problem) = e.extra_roots() {
+                out.push(problem);
             }
         }
         let relay = &self.relay;

@@ -14,6 +14,7 @@ use chrono_tz::Tz;
 use lettre::message::header::{Header, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
@@ -63,14 +64,13 @@ impl EmailSink {
         if host.is_empty() {
             return Err("email.smtp_host is empty".to_owned());
         }
+        let plain = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host);
         let builder = match cfg.tls {
-            EmailTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host),
+            EmailTls::None => plain,
             // Required STARTTLS: no credentials or mail go out if the server
             // does not offer it (no downgrade by a man in the middle).
-            EmailTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)
-                .map_err(|e| format!("email.smtp_host {host:?}: {e}"))?,
-            EmailTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(host)
-                .map_err(|e| format!("email.smtp_host {host:?}: {e}"))?,
+            EmailTls::Starttls => plain.tls(Tls::Required(tls_parameters(cfg, host)?)),
+            EmailTls::Tls => plain.tls(Tls::Wrapper(tls_parameters(cfg, host)?)),
         };
         let mut builder = builder.port(cfg.port()).timeout(Some(cfg.timeout));
         match (&cfg.username, &cfg.password) {
@@ -247,6 +247,17 @@ fn classify(e: &lettre::transport::smtp::Error, server: &str) -> Failure {
     }
     // Connection refused, DNS, TLS handshake, connection dropped, garbled reply.
     Failure { error: transient(format!("cannot reach SMTP server {server}: {e}")), halt: true }
+}
+
+/// The server's certificate must name `host` and chain to a built-in root
+/// or to one of `email.ca_file`'s.
+fn tls_parameters(cfg: &EmailConfig, host: &str) -> Result<TlsParameters, String> {
+    let mut params = TlsParameters::builder(host.to_owned());
+    if let Some(pem) = cfg.extra_roots()? {
+        let roots = Certificate::from_pem(&pem).map_err(|e| format!("email.ca_file: {e}"))?;
+        params = params.add_root_certificate(roots);
+    }
+    params.build().map_err(|e| format!("email.smtp_host {host:?}: {e}"))
 }
 
 /// `Auto-Submitted: auto-generated` (RFC 3834).

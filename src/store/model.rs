@@ -156,4 +156,3 @@ pub struct Readiness {
     pub database: bool,
     pub migrations: bool,
 }
-

@@ -29,6 +29,11 @@ pub(super) fn claim_sql(lock: &str) -> String {
                 -- statistics yet the planner turned the anti-join into a quadratic scan.
                 AND c.id = (SELECT min(o.id) FROM deliveries o
                              WHERE o.sink = c.sink AND o.phone = c.phone AND o.status = 'pending')
+                -- Nor while another of the phone's deliveries is in a worker's hands: a
+                -- replayed older change must not land beside (or after) a newer one in flight.
+                AND NOT EXISTS (SELECT 1 FROM deliveries l
+                                 WHERE l.sink = c.sink AND l.phone = c.phone AND l.status = 'pending'
+                                   AND l.locked_until > $5)
                 AND NOT ($6 AND EXISTS (SELECT 1 FROM deliveries w
                                          WHERE w.event_id = c.event_id AND w.sink <> c.sink
                                            AND w.status = 'pending'))

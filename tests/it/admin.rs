@@ -1,10 +1,11 @@
 //! The admin API over real HTTP, against both stores.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::both_backends;
+use crate::common::fake_redcap::{FakeProject, FakeRedcap, Fault};
+use crate::common::*;
+use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
@@ -34,15 +35,14 @@ async fn post(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
+/// Polls `path` until `pred` holds for its body, and returns that body.
 async fn wait_for<F: Fn(&Value) -> bool>(app: &TestApp, path: &str, pred: F) -> Value {
-    for _ in 0..100 {
+    let pred = &pred;
+    eventually_some(&format!("a body of {path} that fits"), || async move {
         let (_, body) = get(app, path, Some(ADMIN)).await;
-        if pred(&body) {
-            return body;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("condition never met for {path}");
+        pred(&body).then_some(body)
+    })
+    .await
 }
 
 async fn admin_api_is_absent_without_tokens(b: Backend) {
@@ -100,8 +100,24 @@ async fn staff_opt_out_is_recorded_relayed_and_visible(b: Backend) {
     app.stop().await;
 }
 
+/// When a delivery died, from its JSON.
+fn died_at(delivery: &Value) -> DateTime<Utc> {
+    delivery["completed_at"].as_str().expect("a dead delivery has completed_at").parse().expect("an RFC 3339 time")
+}
+
 async fn events_and_deliveries_are_listed_with_filters_and_pages(b: Backend) {
-    let app = spawn_app_with(b, with_admin).await;
+    // A REDCap that answers 500 to every call: each attempt shows in the fake's call log.
+    let project = FakeProject::new(
+        &"A".repeat(32),
+        &[("record_id", "contact", ""), ("phone", "contact", ""), ("opted_out_at", "contact", "")],
+    );
+    let fake = FakeRedcap::start(project).await;
+    fake.set_fault(Fault::Status500);
+    let app = spawn_app_with(b, |c| {
+        with_admin(c);
+        c.redcap = Some(redcap_config(&fake.url));
+    })
+    .await;
     for i in 0..5 {
         let from = format!("+1415555{:04}", 3000 + i);
         let kind = if i % 2 == 0 { "STOP" } else { "START" };
@@ -129,16 +145,41 @@ async fn events_and_deliveries_are_listed_with_filters_and_pages(b: Backend) {
         v["items"].as_array().is_some_and(|a| a.len() == 5)
     })
     .await;
-    let first = dead["items"][0]["id"].as_i64().unwrap();
+    let items = dead["items"].as_array().unwrap().clone();
+    let first = items[0]["id"].as_i64().unwrap();
+    let calls_before = fake.calls();
 
-    // Retry one, then all.
+    // Retry one: it is attempted again (a new call to REDCap) and dies again, later; the others stay as they were.
     let (status, body) = post(&app, &format!("/v1/deliveries/{first}/retry"), json!({})).await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"id": first, "status": "pending"}));
     assert_eq!(post(&app, "/v1/deliveries/999999/retry", json!({})).await.0, 404);
-    wait_for(&app, "/v1/deliveries?status=dead", |v| v["items"].as_array().is_some_and(|a| a.len() == 5)).await;
+    let again = wait_for(&app, "/v1/deliveries?status=dead", |v| {
+        v["items"].as_array().is_some_and(|a| a.iter().any(|d| d["id"] == first && died_at(d) > died_at(&items[0])))
+    })
+    .await;
+    assert!(fake.calls() > calls_before, "the retried delivery never reached REDCap");
+    let again = again["items"].as_array().unwrap();
+    assert_eq!(again.len(), 5);
+    let retried = again.iter().find(|d| d["id"] == first).unwrap();
+    assert_eq!(retried["attempts"], 1, "attempts start over, and one was made: {retried}");
+    assert!(retried["last_error"].as_str().unwrap().contains("500"), "{retried}");
+    for before in &items[1..] {
+        let now = again.iter().find(|d| d["id"] == before["id"]).unwrap();
+        assert_eq!(now, before, "only the retried delivery changes");
+    }
+
+    // Then all of them: each is attempted again.
+    let calls_before = fake.calls();
     let (status, body) = post(&app, "/v1/deliveries/retry-dead", json!({})).await;
     assert_eq!(status, 200);
     assert_eq!(body["requeued"], 5);
+    let retried_at = died_at(retried);
+    wait_for(&app, "/v1/deliveries?status=dead", |v| {
+        v["items"].as_array().is_some_and(|a| a.len() == 5 && a.iter().all(|d| died_at(d) > retried_at))
+    })
+    .await;
+    assert!(fake.calls() > calls_before, "the dead deliveries never reached REDCap again");
     app.stop().await;
 }
 

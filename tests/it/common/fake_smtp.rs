@@ -1,16 +1,18 @@
-//! A minimal in-process SMTP server for the email sink's tests: plain ESMTP
-//! (no TLS), AUTH PLAIN/LOGIN against one configured user, and switchable
-//! faults. Every accepted message is kept with its envelope and raw data.
+//! A minimal in-process SMTP server for the email sink's tests: ESMTP with
+//! optional STARTTLS (a self-signed certificate made at start, for
+//! 127.0.0.1 and localhost), AUTH PLAIN/LOGIN against one configured user,
+//! and switchable faults. Every accepted message is kept with its envelope,
+//! raw data and whether its session was upgraded to TLS.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::Engine as _;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 /// A message the server accepted.
 #[derive(Debug, Clone)]
@@ -23,6 +25,8 @@ pub struct Received {
     pub auth_user: Option<String>,
     /// The AUTH mechanism that session used (`PLAIN`, `LOGIN`).
     pub auth_mechanism: Option<String>,
+    /// Whether the session had been upgraded with STARTTLS when the message came.
+    pub tls: bool,
 }
 
 impl Received {
@@ -115,10 +119,18 @@ struct State {
     mechanisms: Vec<&'static str>,
     auth_attempts: u32,
     connections: u32,
+    /// Offered in EHLO when set.
+    starttls: Option<TlsAcceptor>,
+    /// Sessions upgraded with STARTTLS.
+    upgrades: u32,
+    /// AUTH commands received on a session that was not (yet) TLS.
+    plaintext_auth_attempts: u32,
 }
 
 pub struct FakeSmtp {
     addr: SocketAddr,
+    /// The self-signed certificate STARTTLS presents (PEM), when offered.
+    certificate_pem: Option<String>,
     state: Arc<Mutex<State>>,
     accept: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     sessions: Sessions,
@@ -130,15 +142,32 @@ type Sessions = Arc<Mutex<Vec<JoinHandle<()>>>>;
 impl FakeSmtp {
     /// A server without credentials: it advertises AUTH but refuses every login.
     pub async fn start() -> FakeSmtp {
-        Self::start_inner(None).await
+        Self::start_inner(None, false).await
     }
 
     /// A server that requires a login as `user`/`password` before MAIL.
     pub async fn start_with_auth(user: &str, password: &str) -> FakeSmtp {
-        Self::start_inner(Some((user.to_owned(), password.to_owned()))).await
+        Self::start_inner(Some((user.to_owned(), password.to_owned())), false).await
     }
 
-    async fn start_inner(credentials: Option<(String, String)>) -> FakeSmtp {
+    /// A server that offers STARTTLS with a self-signed certificate for
+    /// 127.0.0.1 and localhost (see `certificate_pem`).
+    pub async fn start_with_starttls() -> FakeSmtp {
+        Self::start_inner(None, true).await
+    }
+
+    /// STARTTLS offered and a login as `user`/`password` required before MAIL.
+    pub async fn start_with_auth_and_starttls(user: &str, password: &str) -> FakeSmtp {
+        Self::start_inner(Some((user.to_owned(), password.to_owned())), true).await
+    }
+
+    async fn start_inner(credentials: Option<(String, String)>, starttls: bool) -> FakeSmtp {
+        let (acceptor, certificate_pem) = if starttls {
+            let (acceptor, pem) = self_signed_acceptor();
+            (Some(acceptor), Some(pem))
+        } else {
+            (None, None)
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake SMTP");
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(Mutex::new(State {
@@ -150,10 +179,28 @@ impl FakeSmtp {
             mechanisms: vec!["PLAIN", "LOGIN"],
             auth_attempts: 0,
             connections: 0,
+            starttls: acceptor,
+            upgrades: 0,
+            plaintext_auth_attempts: 0,
         }));
         let sessions = Sessions::default();
         let accept = tokio::spawn(accept_loop(listener, state.clone(), sessions.clone()));
-        FakeSmtp { addr, state, accept: tokio::sync::Mutex::new(Some(accept)), sessions }
+        FakeSmtp { addr, certificate_pem, state, accept: tokio::sync::Mutex::new(Some(accept)), sessions }
+    }
+
+    /// The certificate STARTTLS presents, PEM: a client trusts the server by adding it as a root.
+    pub fn certificate_pem(&self) -> &str {
+        self.certificate_pem.as_deref().expect("started with start_with_starttls")
+    }
+
+    /// Sessions upgraded with STARTTLS.
+    pub fn tls_upgrades(&self) -> u32 {
+        self.lock().upgrades
+    }
+
+    /// AUTH commands received before a session was upgraded to TLS.
+    pub fn plaintext_auth_attempts(&self) -> u32 {
+        self.lock().plaintext_auth_attempts
     }
 
     pub fn port(&self) -> u16 {
@@ -255,17 +302,24 @@ struct Transaction {
     to: Vec<String>,
 }
 
+/// A session's byte stream, plain or TLS: one type so the dialogue is written once.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Reads lines and writes replies on one connection (tokio's `BufReader` writes through).
+type Conn = BufReader<Box<dyn Stream>>;
+
 async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read);
+    let mut conn: Conn = BufReader::new(Box::new(stream));
+    let mut tls = false;
     let mut auth_user: Option<String> = None;
     let mut auth_mechanism: Option<String> = None;
     let mut tx = Transaction::default();
-    if reply(&mut write, "220 fake.smtp.test ESMTP ready").await.is_err() {
+    if reply(&mut conn, "220 fake.smtp.test ESMTP ready").await.is_err() {
         return;
     }
     loop {
-        let Some(line) = read_line(&mut lines).await else { return };
+        let Some(line) = read_line(&mut conn).await else { return };
         let fault = state.lock().expect("state").fault;
         if fault == Fault::Down {
             // Drop the connection without an answer, like a server that went away.
@@ -276,8 +330,14 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
         let answer: String = match verb.as_str() {
             "EHLO" | "HELO" => {
                 tx = Transaction::default();
-                let mechanisms = state.lock().expect("state").mechanisms.join(" ");
+                let (mechanisms, offers_tls) = {
+                    let s = state.lock().expect("state");
+                    (s.mechanisms.join(" "), s.starttls.is_some())
+                };
                 let mut lines = vec!["250-fake.smtp.test greets you".to_owned(), "250-8BITMIME".to_owned()];
+                if offers_tls && !tls {
+                    lines.push("250-STARTTLS".to_owned());
+                }
                 if !mechanisms.is_empty() {
                     lines.push(format!("250-AUTH {mechanisms}"));
                 }
@@ -289,10 +349,10 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
                 let mechanism = words.get(1).map(|m| m.to_ascii_uppercase()).unwrap_or_default();
                 let initial = words.get(2).map(|s| (*s).to_owned());
                 let Some((user, password)) = (match mechanism.as_str() {
-                    "PLAIN" => auth_plain(&mut lines, &mut write, initial).await,
-                    "LOGIN" => auth_login(&mut lines, &mut write, initial).await,
+                    "PLAIN" => auth_plain(&mut conn, initial).await,
+                    "LOGIN" => auth_login(&mut conn, initial).await,
                     _ => {
-                        if reply(&mut write, "504 5.5.4 Unrecognized authentication type").await.is_err() {
+                        if reply(&mut conn, "504 5.5.4 Unrecognized authentication type").await.is_err() {
                             return;
                         }
                         continue;
@@ -302,6 +362,9 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
                 };
                 let mut s = state.lock().expect("state");
                 s.auth_attempts += 1;
+                if !tls {
+                    s.plaintext_auth_attempts += 1;
+                }
                 if s.credentials.as_ref().is_some_and(|(u, p)| *u == user && *p == password) {
                     auth_user = Some(user);
                     auth_mechanism = Some(mechanism.clone());
@@ -338,12 +401,12 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
                 if tx.to.is_empty() {
                     "503 5.5.1 Need RCPT before DATA".to_owned()
                 } else {
-                    if reply(&mut write, "354 End data with <CR><LF>.<CR><LF>").await.is_err() {
+                    if reply(&mut conn, "354 End data with <CR><LF>.<CR><LF>").await.is_err() {
                         return;
                     }
                     let mut data: Vec<String> = Vec::new();
                     loop {
-                        let Some(l) = read_line(&mut lines).await else { return };
+                        let Some(l) = read_line(&mut conn).await else { return };
                         if l == "." {
                             break;
                         }
@@ -357,6 +420,7 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
                         data: data.join("\r\n"),
                         auth_user: auth_user.clone(),
                         auth_mechanism: auth_mechanism.clone(),
+                        tls,
                     });
                     format!("250 2.0.0 Ok: queued as Q{}", s.messages.len())
                 }
@@ -366,14 +430,40 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
                 "250 2.0.0 Ok".to_owned()
             }
             "NOOP" => "250 2.0.0 Ok".to_owned(),
-            "STARTTLS" => "454 4.7.0 TLS not available".to_owned(),
+            "STARTTLS" => {
+                let acceptor = state.lock().expect("state").starttls.clone();
+                match acceptor {
+                    Some(acceptor) if !tls => {
+                        // Anything the client sent after STARTTLS before the handshake
+                        // would be plaintext injected into the TLS session (CVE-2011-0411).
+                        if !conn.buffer().is_empty() {
+                            let _ = reply(&mut conn, "501 5.5.1 Pipelined data after STARTTLS").await;
+                            return;
+                        }
+                        if reply(&mut conn, "220 2.0.0 Ready to start TLS").await.is_err() {
+                            return;
+                        }
+                        let Ok(upgraded) = acceptor.accept(conn.into_inner()).await else { return };
+                        conn = BufReader::new(Box::new(upgraded));
+                        tls = true;
+                        state.lock().expect("state").upgrades += 1;
+                        // RFC 3207: the client starts over with EHLO; nothing from before counts.
+                        auth_user = None;
+                        auth_mechanism = None;
+                        tx = Transaction::default();
+                        continue;
+                    }
+                    Some(_) => "503 5.5.1 TLS already active".to_owned(),
+                    None => "454 4.7.0 TLS not available".to_owned(),
+                }
+            }
             "QUIT" => {
-                let _ = reply(&mut write, "221 2.0.0 Bye").await;
+                let _ = reply(&mut conn, "221 2.0.0 Bye").await;
                 return;
             }
             _ => "502 5.5.2 Command not recognized".to_owned(),
         };
-        if reply(&mut write, &answer).await.is_err() {
+        if reply(&mut conn, &answer).await.is_err() {
             return;
         }
     }
@@ -400,16 +490,12 @@ fn take_fault(state: &Arc<Mutex<State>>) -> Fault {
 }
 
 /// `AUTH PLAIN [initial]`: `authzid \0 user \0 password`, base64.
-async fn auth_plain(
-    lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    write: &mut OwnedWriteHalf,
-    initial: Option<String>,
-) -> Option<(String, String)> {
+async fn auth_plain(conn: &mut Conn, initial: Option<String>) -> Option<(String, String)> {
     let encoded = match initial {
         Some(i) => i,
         None => {
-            reply(write, "334 ").await.ok()?;
-            read_line(lines).await?
+            reply(conn, "334 ").await.ok()?;
+            read_line(conn).await?
         }
     };
     let decoded = decode64(&encoded);
@@ -418,20 +504,16 @@ async fn auth_plain(
 }
 
 /// `AUTH LOGIN [user]`: user and password in turn, base64.
-async fn auth_login(
-    lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    write: &mut OwnedWriteHalf,
-    initial: Option<String>,
-) -> Option<(String, String)> {
+async fn auth_login(conn: &mut Conn, initial: Option<String>) -> Option<(String, String)> {
     let user = match initial {
         Some(i) => i,
         None => {
-            reply(write, "334 VXNlcm5hbWU6").await.ok()?;
-            read_line(lines).await?
+            reply(conn, "334 VXNlcm5hbWU6").await.ok()?;
+            read_line(conn).await?
         }
     };
-    reply(write, "334 UGFzc3dvcmQ6").await.ok()?;
-    let password = read_line(lines).await?;
+    reply(conn, "334 UGFzc3dvcmQ6").await.ok()?;
+    let password = read_line(conn).await?;
     Some((decode64(&user), decode64(&password)))
 }
 
@@ -448,9 +530,9 @@ fn address(line: &str) -> String {
     }
 }
 
-async fn read_line(lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Option<String> {
+async fn read_line(conn: &mut Conn) -> Option<String> {
     let mut buf = Vec::new();
-    match lines.read_until(b'\n', &mut buf).await {
+    match conn.read_until(b'\n', &mut buf).await {
         Ok(0) | Err(_) => None,
         Ok(_) => {
             let text = String::from_utf8_lossy(&buf).into_owned();
@@ -459,7 +541,23 @@ async fn read_line(lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Opt
     }
 }
 
-async fn reply(write: &mut OwnedWriteHalf, text: &str) -> std::io::Result<()> {
-    write.write_all(format!("{text}\r\n").as_bytes()).await?;
-    write.flush().await
+async fn reply(conn: &mut Conn, text: &str) -> std::io::Result<()> {
+    conn.write_all(format!("{text}\r\n").as_bytes()).await?;
+    conn.flush().await
+}
+
+/// A TLS acceptor with a fresh self-signed certificate for 127.0.0.1 and
+/// localhost, and that certificate as PEM.
+fn self_signed_acceptor() -> (TlsAcceptor, String) {
+    let names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let certified = rcgen::generate_simple_self_signed(names).expect("self-signed certificate");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).expect("key DER");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .expect("server TLS config");
+    (TlsAcceptor::from(Arc::new(config)), certified.cert.pem())
 }

@@ -3,13 +3,12 @@
 //! invariants, and what is read back is what was written — or an error that
 //! names the row, never a guess.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::both_backends;
+use crate::common::*;
 use chrono::Utc;
-use common::*;
 use optout_relay::config::DatabaseConfig;
 use optout_relay::domain::{EventKind, MessageSid, Phone};
 use optout_relay::store::{NewEvent, Settle, Store, StoreError};
@@ -276,7 +275,8 @@ async fn postgres_and_sqlite_migrations_describe_the_same_schema() {
 
 #[test]
 fn check_expressions_are_read_with_nested_parentheses_and_strings_ignored() {
-    let sql = "CREATE TABLE t (a TEXT CHECK (a IN ('x)', 'check')), b INT, CONSTRAINT c CHECK ((a IS NULL) = (b IS NULL)))";
+    let sql =
+        "CREATE TABLE t (a TEXT CHECK (a IN ('x)', 'check')), b INT, CONSTRAINT c CHECK ((a IS NULL) = (b IS NULL)))";
     let got = check_expressions(sql);
     assert_eq!(got.len(), 2, "{got:?}");
     assert!(got[1].contains("(a is null) = (b is null)"), "{got:?}");
@@ -294,9 +294,7 @@ async fn schema_refuses_rows_that_break_the_queue_invariants(b: Backend) {
         ("lease fields both set or both null", format!("UPDATE deliveries SET locked_until = {ts}")),
         (
             "no lease on a finished row",
-            format!(
-                "UPDATE deliveries SET status = 'done', completed_at = {ts}, locked_until = {ts}, locked_by = 'w'"
-            ),
+            format!("UPDATE deliveries SET status = 'done', completed_at = {ts}, locked_until = {ts}, locked_by = 'w'"),
         ),
         ("attempts >= 0", "UPDATE deliveries SET attempts = -1".to_owned()),
         ("a result only when done", "UPDATE deliveries SET result = '{}'".to_owned()),
@@ -375,10 +373,8 @@ async fn a_claim_skips_rows_not_yet_due_and_a_lost_lease_comes_due(b: Backend) {
     let first = db.store.claim("redcap", "w1", 10, Duration::from_secs(60), false).await.unwrap();
     assert_eq!(first.len(), 3);
     let later = Utc::now() + chrono::Duration::hours(1);
-    let settles: Vec<(i64, Settle)> = first[..2]
-        .iter()
-        .map(|d| (d.id, Settle::Retry { at: later, error: "503".into() }))
-        .collect();
+    let settles: Vec<(i64, Settle)> =
+        first[..2].iter().map(|d| (d.id, Settle::Retry { at: later, error: "503".into() })).collect();
     assert_eq!(db.store.settle_many("w1", &settles).await.unwrap(), 2);
     // The third is held by w1's lease: nobody else may take it.
     assert!(db.store.claim("redcap", "w2", 10, Duration::from_secs(60), false).await.unwrap().is_empty());

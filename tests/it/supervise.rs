@@ -2,11 +2,10 @@
 //! `/readyz` reports the tasks, and `/metrics` says whether the queue gauges
 //! could be read at this scrape.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::both_backends;
+use crate::common::*;
 
 /// The value of an unlabelled sample in Prometheus text, if present.
 fn sample(text: &str, name: &str) -> Option<f64> {

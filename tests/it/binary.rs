@@ -1,13 +1,11 @@
 //! The release command line, run the way the container runs it: configured
 //! only by environment variables, stopped with SIGTERM.
 
-mod common;
-
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 
-use common::{send_signed, stop_params, PUBLIC_URL, TOKEN};
+use crate::common::{eventually, eventually_some, send_signed, stop_params, PUBLIC_URL, TOKEN};
 
 const BIN: &str = env!("CARGO_BIN_EXE_optout-relay");
 
@@ -28,48 +26,50 @@ fn command(dir: &std::path::Path, port: u16) -> Command {
     c
 }
 
-fn wait_healthy(dir: &std::path::Path, port: u16, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ok = command(dir, port).arg("healthcheck").stderr(Stdio::null()).status().unwrap().success();
-        if ok {
-            return;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "server exited early");
-        assert!(Instant::now() < deadline, "server never became ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Polls `healthy` (the binary's own `healthcheck`) until it passes; the server must not exit meanwhile.
+async fn wait_healthy(child: &Mutex<Child>, healthy: impl Fn() -> bool) {
+    eventually("the server answers its healthcheck", || async {
+        assert!(child.lock().unwrap().try_wait().unwrap().is_none(), "server exited early");
+        healthy()
+    })
+    .await;
 }
 
-#[test]
-fn serve_on_the_embedded_default_answers_then_stops_cleanly_on_sigterm() {
+fn healthcheck(dir: &std::path::Path, port: u16) -> bool {
+    command(dir, port).arg("healthcheck").stderr(Stdio::null()).status().unwrap().success()
+}
+
+/// Sends SIGTERM (what `docker stop` sends) and waits for the exit.
+async fn terminate(child: &Mutex<Child>) -> ExitStatus {
+    let pid = child.lock().unwrap().id();
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    eventually_some("the exit after SIGTERM", || async { child.lock().unwrap().try_wait().unwrap() }).await
+}
+
+fn stderr_of(child: &Mutex<Child>) -> String {
+    let mut logs = String::new();
+    child.lock().unwrap().stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    logs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_the_embedded_default_answers_then_stops_cleanly_on_sigterm() {
     optout_relay::install_tls_provider();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = command(dir.path(), port).arg("serve").stderr(Stdio::piped()).spawn().unwrap();
-    wait_healthy(dir.path(), port, &mut child);
+    let child = Mutex::new(command(dir.path(), port).arg("serve").stderr(Stdio::piped()).spawn().unwrap());
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
 
     // A signed STOP over real HTTP to the real binary.
     let params = stop_params("SMbin1", "+14155550101", "STOP", Some("STOP"));
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let url = format!("http://127.0.0.1:{port}/twilio/messages");
-    let status = rt.block_on(send_signed(&reqwest::Client::new(), &url, &params));
-    assert_eq!(status, 200);
+    assert_eq!(send_signed(&reqwest::Client::new(), &url, &params).await, 200);
     assert!(dir.path().join("optout-relay.db").exists(), "the default SQLite file is created in the working directory");
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = terminate(&child).await;
     assert!(exit.success(), "exit status {exit:?}");
 
-    let mut logs = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    let logs = stderr_of(&child);
     assert!(logs.contains("+1415***0101"), "phone masked in the request log:\n{logs}");
     assert!(!logs.contains("+14155550101"), "full phone number leaked into logs");
     assert!(!logs.contains(TOKEN), "auth token leaked into logs");
@@ -85,21 +85,21 @@ fn healthcheck_fails_when_nothing_listens() {
     assert!(!status.success());
 }
 
-#[test]
-fn serve_without_a_token_starts_but_warns_loudly() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_a_token_starts_but_warns_loudly() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = command(dir.path(), port)
-        .env_remove("OPTOUT_RELAY__TWILIO__AUTH_TOKENS")
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_healthy(dir.path(), port, &mut child);
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(child.wait().unwrap().success());
-    let mut logs = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    let child = Mutex::new(
+        command(dir.path(), port)
+            .env_remove("OPTOUT_RELAY__TWILIO__AUTH_TOKENS")
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+    assert!(terminate(&child).await.success());
+    let logs = stderr_of(&child);
     assert!(logs.contains("every webhook will be refused"), "{logs}");
 }
 
@@ -142,7 +142,7 @@ fn migrate_creates_the_schema_and_is_idempotent() {
 
 #[test]
 fn check_config_asks_redcap_and_refuses_a_date_only_field() {
-    use common::fake_redcap::{FakeProject, FakeRedcap};
+    use crate::common::fake_redcap::{FakeProject, FakeRedcap};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let token = "0123456789ABCDEF0123456789ABCDEF";
     let good = rt.block_on(FakeRedcap::start(FakeProject::new(
@@ -220,8 +220,8 @@ fn image_from_dockerfile() -> Image {
     Image { env, start, healthcheck: healthcheck.into_iter().skip(1).collect() }
 }
 
-#[test]
-fn the_images_start_and_healthcheck_commands_work_as_written() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_images_start_and_healthcheck_commands_work_as_written() {
     let image = image_from_dockerfile();
     assert_eq!(image.start, ["serve"]);
     assert_eq!(image.healthcheck, ["healthcheck"]);
@@ -238,18 +238,12 @@ fn the_images_start_and_healthcheck_commands_work_as_written() {
         }
         c
     };
-    assert!(!run(&image.healthcheck).stderr(Stdio::null()).status().unwrap().success(), "unhealthy before start");
-    let mut server = run(&image.start).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !run(&image.healthcheck).stderr(Stdio::null()).status().unwrap().success() {
-        assert!(server.try_wait().unwrap().is_none(), "server exited");
-        assert!(Instant::now() < deadline, "never healthy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
-    assert!(server.wait().unwrap().success(), "SIGTERM (docker stop) exits 0");
-    let mut logs = String::new();
-    server.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    let healthy = || run(&image.healthcheck).stderr(Stdio::null()).status().unwrap().success();
+    assert!(!healthy(), "unhealthy before start");
+    let server = Mutex::new(run(&image.start).stderr(Stdio::piped()).spawn().unwrap());
+    wait_healthy(&server, healthy).await;
+    assert!(terminate(&server).await.success(), "SIGTERM (docker stop) exits 0");
+    let logs = stderr_of(&server);
     assert!(
         logs.lines().filter(|l| !l.trim().is_empty()).all(|l| l.trim_start().starts_with('{')),
         "JSON logs in the image:\n{logs}"
