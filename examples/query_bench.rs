@@ -48,6 +48,9 @@
 //! `--pg-admin-url` (a superuser, for `auto_explain`) and drops it at the end.
 //! SQLite: a file in a temporary directory. Loopback only.
 
+#[path = "bench_db/mod.rs"]
+mod bench_db;
+
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -55,6 +58,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use bench_db::{drop_db, fresh_db, Db};
 use chrono::Utc;
 use clap::Parser;
 use optout_relay::config::Config;
@@ -198,45 +202,6 @@ fn init_tracing() {
 
 // ---------------------------------------------------------------------------
 // Databases.
-
-struct Db {
-    url: String,
-    pg_name: Option<String>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-async fn fresh_db(args: &Args) -> anyhow::Result<Db> {
-    match args.backend.as_str() {
-        "sqlite" => {
-            let dir = tempfile::tempdir()?;
-            let url = format!("sqlite://{}?mode=rwc", dir.path().join("queries.db").display());
-            Ok(Db { url, pg_name: None, _dir: Some(dir) })
-        }
-        "postgres" => {
-            let name = format!("optout_bench_{:016x}", rand::random::<u64>());
-            let mut conn = sqlx::PgConnection::connect(&args.pg_admin_url).await?;
-            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
-            let _ = conn.close().await;
-            let root = args.pg_admin_url.rsplit_once('/').map_or(args.pg_admin_url.as_str(), |(r, _)| r);
-            Ok(Db { url: format!("{root}/{name}"), pg_name: Some(name), _dir: None })
-        }
-        other => anyhow::bail!("--backend must be postgres or sqlite, not {other:?}"),
-    }
-}
-
-async fn drop_db(args: &Args, db: &Db) {
-    let Some(name) = &db.pg_name else { return };
-    match sqlx::PgConnection::connect(&args.pg_admin_url).await {
-        Ok(mut conn) => {
-            if let Err(e) =
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await
-            {
-                eprintln!("cannot drop database {name}: {e}");
-            }
-        }
-        Err(e) => eprintln!("cannot drop database {name}: {e}"),
-    }
-}
 
 fn store_for(db: &Db, max_connections: u32) -> anyhow::Result<Store> {
     let mut cfg = Config::default().database;
@@ -783,7 +748,7 @@ async fn run_db(
     seeded: bool,
     problems: &mut Vec<String>,
 ) -> anyhow::Result<(Vec<(&'static str, Stats)>, Option<String>, f64)> {
-    let db = fresh_db(args).await?;
+    let db = fresh_db(&args.backend, &args.pg_admin_url, "queries.db").await?;
     let result = async {
         let store = store_for(&db, 4)?;
         store.migrate().await?;
@@ -818,7 +783,7 @@ async fn run_db(
         Ok((measured, plans, seed_s))
     }
     .await;
-    drop_db(args, &db).await;
+    drop_db(&args.pg_admin_url, &db).await;
     result
 }
 

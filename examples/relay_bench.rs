@@ -40,12 +40,16 @@
 #[path = "../tests/it/common/fake_redcap.rs"]
 mod fake_redcap;
 
+#[path = "bench_db/mod.rs"]
+mod bench_db;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bench_db::{drop_db, fresh_db, Db};
 use chrono::Utc;
 use clap::Parser;
 use fake_redcap::{CallKind, FakeProject, FakeRedcap};
@@ -431,45 +435,6 @@ fn verify(fake: &FakeRedcap, data: &Data, stamped: &HashSet<usize>) -> Vec<Strin
 
 // ---------------------------------------------------------------------------
 // Store and app.
-
-struct Db {
-    url: String,
-    pg_name: Option<String>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-async fn fresh_db(args: &Args) -> anyhow::Result<Db> {
-    match args.backend.as_str() {
-        "sqlite" => {
-            let dir = tempfile::tempdir()?;
-            let url = format!("sqlite://{}?mode=rwc", dir.path().join("relay.db").display());
-            Ok(Db { url, pg_name: None, _dir: Some(dir) })
-        }
-        "postgres" => {
-            let name = format!("optout_bench_{:016x}", rand::random::<u64>());
-            let mut conn = sqlx::PgConnection::connect(&args.pg_admin_url).await?;
-            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
-            let _ = conn.close().await;
-            let root = args.pg_admin_url.rsplit_once('/').map_or(args.pg_admin_url.as_str(), |(r, _)| r);
-            Ok(Db { url: format!("{root}/{name}"), pg_name: Some(name), _dir: None })
-        }
-        other => anyhow::bail!("--backend must be postgres or sqlite, not {other:?}"),
-    }
-}
-
-async fn drop_db(args: &Args, db: &Db) {
-    let Some(name) = &db.pg_name else { return };
-    match sqlx::PgConnection::connect(&args.pg_admin_url).await {
-        Ok(mut conn) => {
-            if let Err(e) =
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await
-            {
-                eprintln!("cannot drop database {name}: {e}");
-            }
-        }
-        Err(e) => eprintln!("cannot drop database {name}: {e}"),
-    }
-}
 
 fn config(args: &Args, db_url: &str, redcap_url: &str, batch_size: Option<u32>) -> anyhow::Result<Config> {
     let mut c = Config::default();
@@ -947,7 +912,7 @@ async fn throughput(
     );
     let fake = FakeRedcap::start(data.project()).await;
     fake.set_latency(Duration::from_millis(args.redcap_ms));
-    let db = fresh_db(args).await?;
+    let db = fresh_db(&args.backend, &args.pg_admin_url, "relay.db").await?;
     let result: anyhow::Result<Throughput> = async {
         let store = seeded(&db, &data.bench).await?;
         let (p, _) = pending_and_dead(&store).await;
@@ -1059,7 +1024,7 @@ async fn throughput(
         Ok(Throughput { events: delivered, seconds, eps, export, import, metadata, cycles_line, cpu, probe })
     }
     .await;
-    drop_db(args, &db).await;
+    drop_db(&args.pg_admin_url, &db).await;
     result
 }
 
@@ -1088,7 +1053,7 @@ async fn latency(args: &Args, data: &Data, problems: &mut Vec<String>) -> anyhow
     eprintln!("== {backend} latency: {count} webhooks at {}/s", args.rate);
     let fake = Arc::new(FakeRedcap::start(data.project()).await);
     fake.set_latency(Duration::from_millis(args.redcap_ms));
-    let db = fresh_db(args).await?;
+    let db = fresh_db(&args.backend, &args.pg_admin_url, "relay.db").await?;
     let result: anyhow::Result<Latency> = async {
         let store = seeded(&db, &[]).await?;
         let app = start(config(args, &db.url, &fake.url, None)?).await?;
@@ -1255,7 +1220,7 @@ async fn latency(args: &Args, data: &Data, problems: &mut Vec<String>) -> anyhow
         Ok(out)
     }
     .await;
-    drop_db(args, &db).await;
+    drop_db(&args.pg_admin_url, &db).await;
     result
 }
 

@@ -29,7 +29,9 @@ DROP INDEX deliveries_pending_idx;
 DROP INDEX deliveries_status_idx;
 -- Claims: a sink's due pending rows, earliest due first.
 CREATE INDEX deliveries_due_idx ON deliveries (sink, next_attempt_at, id) WHERE status = 'pending';
--- Queue statistics and operator lists of pending/dead rows: unfinished rows only.
-CREATE INDEX deliveries_open_idx ON deliveries (status, sink, created_at) WHERE status <> 'done';
+-- Dead letters by sink (queue statistics, operator lists). Pending rows are
+-- found through deliveries_due_idx; no other index leads with the pending
+-- status, so a claim's planner has one obvious path.
+CREATE INDEX deliveries_dead_idx ON deliveries (sink, created_at) WHERE status = 'dead';
 -- A phone's state in every scope (the key leads with the scope).
 CREATE INDEX opt_out_state_phone_idx ON opt_out_state (phone);

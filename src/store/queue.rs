@@ -181,7 +181,7 @@ impl Store {
         on_pool!(self, pool => {
             let mut q = QueryBuilder::new(REQUEUE);
             q.push_bind(now).push(", queued_at = ").push_bind(now).push(", updated_at = ").push_bind(now);
-            q.push(" WHERE status <> 'done' AND status = 'dead'");
+            q.push(" WHERE status = 'dead'");
             if let Some(sink) = sink {
                 q.push(" AND sink = ").push_bind(sink);
             }
@@ -210,8 +210,8 @@ impl Store {
     }
 
     /// Per sink: pending deliveries, creation time of the oldest pending one,
-    /// dead ones. Reads only unfinished rows (`deliveries_open_idx`), so its
-    /// cost follows the backlog, not the history.
+    /// dead ones. Reads only unfinished rows (`deliveries_due_idx`,
+    /// `deliveries_dead_idx`), so its cost follows the backlog, not the history.
     pub async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
         #[derive(sqlx::FromRow)]
         struct Row {
@@ -222,9 +222,15 @@ impl Store {
             oldest: DateTime<Utc>,
         }
         let rows = on_pool!(self, pool => {
+            // Each half spelled with its partial index's predicate (`status = '…'`
+            // as a literal), so both backends see the index applies.
             let rows = sqlx::query(
-                "SELECT sink, status, COUNT(*) AS n, MIN(created_at) AS oldest
-                   FROM deliveries WHERE status <> 'done' GROUP BY sink, status ORDER BY sink",
+                "SELECT sink, 'pending' AS status, COUNT(*) AS n, MIN(created_at) AS oldest
+                   FROM deliveries WHERE status = 'pending' GROUP BY sink
+                 UNION ALL
+                 SELECT sink, 'dead' AS status, COUNT(*) AS n, MIN(created_at) AS oldest
+                   FROM deliveries WHERE status = 'dead' GROUP BY sink
+                 ORDER BY sink",
             )
             .fetch_all(pool)
             .await?;

@@ -4,7 +4,7 @@
 //! `($n IS NULL OR col = $n)`: a catch-all cannot use an index, and these
 //! lookups must stay milliseconds as the history grows. Each filter has an
 //! index: events by (phone, id); deliveries by (event_id, sink), by phone
-//! through the events index, and by status through the open-rows index;
+//! through the events index, and by status through the due and dead indexes;
 //! states by phone.
 
 use sqlx::QueryBuilder;
@@ -54,12 +54,16 @@ impl Store {
             if let Some(event_id) = f.event_id {
                 q.push(" AND event_id = ").push_bind(event_id);
             }
-            if let Some(status) = &f.status {
-                if status != "done" {
-                    // Spelled as the open-rows index's predicate, so SQLite sees it applies.
-                    q.push(" AND status <> 'done'");
+            match f.status.as_deref() {
+                // Known statuses as literals: SQLite uses a partial index only when the
+                // query spells its predicate (`status = 'dead'`), never for a parameter.
+                Some(status @ ("pending" | "dead" | "done")) => {
+                    q.push(" AND status = '").push(status).push("'");
                 }
-                q.push(" AND status = ").push_bind(status.as_str());
+                Some(other) => {
+                    q.push(" AND status = ").push_bind(other);
+                }
+                None => {}
             }
             if let Some(sink) = &f.sink {
                 q.push(" AND sink = ").push_bind(sink.as_str());
