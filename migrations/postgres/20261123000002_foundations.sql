@@ -27,8 +27,9 @@ ALTER TABLE deliveries
 -- pending part, and neither let a claim skip rows not yet due.
 DROP INDEX deliveries_pending_idx;
 DROP INDEX deliveries_status_idx;
--- Claims: a sink's due pending rows, earliest due first.
-CREATE INDEX deliveries_due_idx ON deliveries (sink, next_attempt_at, id) WHERE status = 'pending';
+-- Claims: a sink's due pending rows, earliest due first. `created_at` rides
+-- along so the queue statistics (count, oldest) read this index alone.
+CREATE INDEX deliveries_due_idx ON deliveries (sink, next_attempt_at, id, created_at) WHERE status = 'pending';
 -- Dead letters by sink (queue statistics, operator lists). Pending rows are
 -- found through deliveries_due_idx; no other index leads with the pending
 -- status, so a claim's planner has one obvious path.
