@@ -8,10 +8,8 @@ ALTER TABLE deliveries ADD COLUMN queued_at TIMESTAMPTZ;
 UPDATE deliveries SET queued_at = created_at;
 ALTER TABLE deliveries ALTER COLUMN queued_at SET NOT NULL;
 
--- Rows written before these rules: a claim now pushes the due time to the
--- end of the lease; finished rows hold no lease; only done rows a result.
-UPDATE deliveries SET next_attempt_at = locked_until
- WHERE locked_until IS NOT NULL AND locked_until > next_attempt_at AND status = 'pending';
+-- Rows written before these rules: finished rows hold no lease; only done
+-- rows a result.
 UPDATE deliveries SET locked_until = NULL, locked_by = NULL
  WHERE status <> 'pending' OR locked_until IS NULL OR locked_by IS NULL;
 UPDATE deliveries SET result = NULL WHERE status <> 'done';

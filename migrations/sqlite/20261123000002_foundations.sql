@@ -33,8 +33,7 @@ CREATE TABLE deliveries_new (
 INSERT INTO deliveries_new (id, event_id, sink, phone, kind, status, attempts, next_attempt_at, locked_until,
                             locked_by, last_error, result, created_at, updated_at, completed_at, queued_at)
 SELECT id, event_id, sink, phone, kind, status, max(attempts, 0),
-       CASE WHEN status = 'pending' AND locked_until IS NOT NULL AND locked_until > next_attempt_at
-            THEN locked_until ELSE next_attempt_at END,
+       next_attempt_at,
        CASE WHEN status = 'pending' AND locked_by IS NOT NULL THEN locked_until END,
        CASE WHEN status = 'pending' AND locked_until IS NOT NULL THEN locked_by END,
        last_error,

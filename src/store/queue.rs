@@ -1,11 +1,13 @@
 //! The delivery queue: claims under a lease, settling, re-queueing, and the
 //! statistics `/metrics` reads.
 //!
-//! A claim pushes the row's due time to the end of its lease, so "due" is
-//! one indexed comparison (`deliveries_due_idx`: pending rows by sink and due
-//! time) whether the row is waiting out a backoff or held by a worker, and a
-//! vanished worker's row comes due again by itself. A claim never walks rows
-//! that are not yet due, however long an outage's backlog.
+//! A claim reads a sink's due pending rows through one range of
+//! `deliveries_due_idx` (pending rows by sink and due time), so it never
+//! walks rows still waiting out a backoff, however long an outage's backlog.
+//! Rows leased to a worker stay in that range until settled and are skipped
+//! by their lease: there are at most workers × batch of them. The claim
+//! itself writes no indexed column, so PostgreSQL updates the rows in place
+//! (HOT) instead of adding an entry to every index per row claimed.
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
@@ -41,7 +43,7 @@ pub(super) fn claim_sql(lock: &str) -> String {
               LIMIT $2
               {lock})
          UPDATE deliveries
-            SET locked_until = $4, locked_by = $3, attempts = attempts + 1, updated_at = $5, next_attempt_at = $4
+            SET locked_until = $4, locked_by = $3, attempts = attempts + 1, updated_at = $5
           WHERE id IN (SELECT id FROM picked)
           RETURNING id, event_id, phone, kind, attempts, created_at, queued_at,
                     (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id) AS received_at,

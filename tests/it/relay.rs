@@ -448,8 +448,7 @@ async fn a_crashed_workers_lease_expires_and_the_delivery_is_retried(b: Backend)
     let leased = deliveries(&store, Some("pending")).await;
     assert_eq!((leased.len(), leased[0].id, leased[0].attempts), (1, claimed[0].id, 1));
 
-    // The lease runs out (moved into the past rather than waited for; a claim
-    // makes the row due again at the lease's end).
+    // The lease runs out (moved into the past rather than waited for).
     let expire = match b {
         Backend::Postgres => {
             "UPDATE deliveries SET locked_until = now() - interval '1 second', next_attempt_at = now() - interval '1 second'
