@@ -120,12 +120,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Ends an attempt. Returns false when the lease was lost meanwhile (the
-    /// row was re-claimed by another worker), in which case nothing changes.
-    pub async fn settle(&self, id: i64, owner: &str, how: &Settle) -> Result<bool, StoreError> {
-        Ok(self.settle_many(owner, &[(id, how.clone())]).await? == 1)
-    }
-
     /// Ends a batch of attempts in one transaction (one commit for a whole
     /// batch); returns how many were still held by `owner` (the others were
     /// re-claimed after a lost lease).

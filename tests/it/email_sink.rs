@@ -15,7 +15,7 @@ use optout_relay::store::{NewEvent, RecordOutcome, Settle, Store};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
-use crate::common::SERVICE;
+use crate::common::{settle_one, SERVICE};
 
 const PHONE: &str = "+14155550101";
 const LEASE: Duration = Duration::from_secs(60);
@@ -92,7 +92,7 @@ async fn record(
 async fn settle_redcap(store: &Store, how: Settle) -> usize {
     let claimed = store.claim("redcap", "w", 10, LEASE, false).await.unwrap();
     for d in &claimed {
-        assert!(store.settle(d.id, "w", &how).await.unwrap());
+        assert!(settle_one(store, d.id, "w", &how).await);
     }
     claimed.len()
 }
@@ -289,7 +289,7 @@ async fn email_waits_until_the_events_redcap_delivery_is_settled() {
     assert_eq!(claimed.len(), 1);
     assert!(claim_email(&env.store).await.is_empty(), "email claimable while REDCap is in flight");
 
-    assert!(env.store.settle(claimed[0].id, "w", &Settle::Done(json!({"records": ["1"]}))).await.unwrap());
+    assert!(settle_one(&env.store, claimed[0].id, "w", &Settle::Done(json!({"records": ["1"]}))).await);
     let items = claim_email(&env.store).await;
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].phone.as_str(), PHONE);

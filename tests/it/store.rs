@@ -305,7 +305,7 @@ async fn schema_refuses_rows_that_break_the_queue_invariants(b: Backend) {
     // And the rows the service writes pass them.
     let claimed = db.store.claim("redcap", "w1", 10, Duration::from_secs(60), false).await.unwrap();
     assert_eq!(claimed.len(), 1);
-    assert!(db.store.settle(claimed[0].id, "w1", &Settle::Done(json!({"records": []}))).await.unwrap());
+    assert!(settle_one(&db.store, claimed[0].id, "w1", &Settle::Done(json!({"records": []}))).await);
     db.stop().await;
 }
 
@@ -338,7 +338,7 @@ async fn a_replayed_delivery_restarts_its_age_clock(b: Backend) {
     let db = fresh_store(b).await;
     db.store.record_events(&[event("SMage1", "+14155550103", EventKind::OptOut)], &["redcap"]).await.unwrap();
     let claimed = db.store.claim("redcap", "w1", 10, Duration::from_secs(60), false).await.unwrap();
-    assert!(db.store.settle(claimed[0].id, "w1", &Settle::Dead("gave up".into())).await.unwrap());
+    assert!(settle_one(&db.store, claimed[0].id, "w1", &Settle::Dead("gave up".into())).await);
     // It was created (and dead-lettered) four days ago.
     let old = Utc::now() - chrono::Duration::days(4);
     let old_sql = if b == Backend::Sqlite {
@@ -394,7 +394,7 @@ async fn a_claim_skips_rows_not_yet_due_and_a_lost_lease_comes_due(b: Backend) {
     assert_eq!(taken.iter().map(|d| d.id).collect::<Vec<_>>(), [first[2].id]);
     assert_eq!(taken[0].attempts, 2);
     // The frozen worker's settle no longer counts.
-    assert!(!db.store.settle(first[2].id, "w1", &Settle::Done(json!({}))).await.unwrap());
+    assert!(!settle_one(&db.store, first[2].id, "w1", &Settle::Done(json!({}))).await);
     db.stop().await;
 }
 
@@ -423,7 +423,7 @@ async fn a_bad_stored_time_or_json_is_an_error_naming_the_row_not_1970() {
     db.exec(&format!("UPDATE events SET received_at = {}", Utc::now().timestamp_millis())).await.unwrap();
     db.exec("UPDATE deliveries SET next_attempt_at = 0, locked_until = NULL, locked_by = NULL").await.unwrap();
     let claimed = db.store.claim("redcap", "w", 1, Duration::from_secs(60), false).await.unwrap();
-    assert!(db.store.settle(claimed[0].id, "w", &Settle::Done(json!({"records": ["1"]}))).await.unwrap());
+    assert!(settle_one(&db.store, claimed[0].id, "w", &Settle::Done(json!({"records": ["1"]}))).await);
     db.exec("UPDATE deliveries SET result = '{not json'").await.unwrap();
     match db.store.deliveries_of_events(&[1]).await {
         Err(StoreError::Corrupt(m)) => assert!(m.contains(&format!("deliveries row {}", claimed[0].id)), "{m}"),

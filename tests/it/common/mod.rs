@@ -303,3 +303,14 @@ pub fn redcap_config(url: &str) -> optout_relay::config::RedcapConfig {
         max_calls_per_minute: 600,
     }
 }
+
+/// Ends one claimed delivery's attempt as a worker would; false when `owner`
+/// no longer holds its lease.
+pub async fn settle_one(
+    store: &optout_relay::store::Store,
+    id: i64,
+    owner: &str,
+    how: &optout_relay::store::Settle,
+) -> bool {
+    store.settle_many(owner, &[(id, how.clone())]).await.expect("settle") == 1
+}
