@@ -196,6 +196,8 @@ fn log_failure(sink: &str, deliveries: usize, error: &SinkError) {
             %error,
             "sink refuses our requests: fix the configuration; deliveries are kept and retried slowly"
         ),
-        SinkError::Transient { .. } => tracing::warn!(sink, deliveries, %error, "delivery failed; will retry"),
+        SinkError::Transient { .. } | SinkError::Uncertain(_) => {
+            tracing::warn!(sink, deliveries, %error, "delivery failed; will retry")
+        }
     }
 }

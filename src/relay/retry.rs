@@ -20,6 +20,7 @@ use crate::store::Settle;
 pub fn base_delay(policy: &RelayConfig, attempts: i32, error: &SinkError) -> Duration {
     match error {
         SinkError::Misconfigured(_) => policy.misconfigured_retry,
+        SinkError::Uncertain(_) => policy.retry_base,
         SinkError::Transient { retry_after, .. } => {
             let exp = u32::try_from(attempts.saturating_sub(1)).unwrap_or(0).min(30);
             let backoff = policy.retry_base.saturating_mul(1u32 << exp).min(policy.retry_cap);

@@ -190,6 +190,7 @@ impl EmailSink {
                 SinkError::Transient { message: clean(message), retry_after }
             }
             SinkError::Misconfigured(message) => SinkError::Misconfigured(clean(message)),
+            SinkError::Uncertain(message) => SinkError::Uncertain(clean(message)),
         }
     }
 }

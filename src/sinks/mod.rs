@@ -15,6 +15,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use serde::Serialize;
+
 use crate::domain::{EventKind, Phone};
 
 /// One delivery as a sink sees it. A batch holds at most one item per phone.
@@ -38,6 +40,12 @@ pub enum SinkError {
     /// log loudly — an operator has to fix something.
     #[error("{0}")]
     Misconfigured(String),
+    /// A write whose outcome is unknown (timed out or cut off after it was
+    /// sent, a 5xx or a short count on an import): it may land later. The
+    /// relay re-reads and re-writes soon, and again after a late request
+    /// could have finished.
+    #[error("{0}")]
+    Uncertain(String),
 }
 
 /// The configured sinks.
@@ -83,4 +91,84 @@ impl Sink {
             Sink::Email(s) => s.apply(items).await,
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Converge model (issue #8). The relay computes what each sink should hold
+// for a phone and hands it to the sink; sinks know nothing of the store.
+// ---------------------------------------------------------------------------
+
+/// What a sink should hold for one phone: the opt-out list's current state
+/// as the sink's scopes see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Target {
+    /// Opted out since `since` (when that opt-out began): REDCap stamps it.
+    OptedOut { since: DateTime<Utc> },
+    /// Opted in: REDCap clears what we stamped.
+    OptedIn,
+}
+
+impl Target {
+    pub fn is_opted_out(&self) -> bool {
+        matches!(self, Target::OptedOut { .. })
+    }
+}
+
+/// One phone to bring to its target.
+#[derive(Debug, Clone)]
+pub struct Convergence {
+    pub phone: Phone,
+    pub target: Target,
+}
+
+/// The message that caused a change, for the notification email.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    pub body: String,
+    /// MessagingServiceSid, To number, or `organisation` for staff/imports.
+    pub scope: String,
+    /// `twilio`, `staff:NAME`, …
+    pub source: String,
+    /// When the person said it.
+    pub said_at: DateTime<Utc>,
+}
+
+/// What another sink did with a change, as the email reports it.
+#[derive(Debug, Clone)]
+pub struct SinkReport {
+    pub sink: String,
+    pub outcome: ReportOutcome,
+}
+
+#[derive(Debug, Clone)]
+pub enum ReportOutcome {
+    /// The sink holds the target; `detail` is the sink's own account (records written…).
+    Applied { at: DateTime<Utc>, detail: Option<Value> },
+    /// Still trying; `error` is the last failure, if any.
+    Waiting { since: DateTime<Utc>, error: Option<String> },
+    /// Dead-lettered after `relay.max_age`: an operator must act.
+    GaveUp { error: String },
+}
+
+/// A change of one phone's target, reported by email with what every other
+/// sink did for it.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub phone: Phone,
+    pub target: Target,
+    pub cause: Option<Cause>,
+    pub others: Vec<SinkReport>,
+}
+
+/// A sink that has been failing longer than the configured alert time
+/// (`recovered: false`), or that works again after such an alert (`true`).
+#[derive(Debug, Clone)]
+pub struct Alert {
+    pub sink: String,
+    pub failing_since: DateTime<Utc>,
+    pub error: String,
+    /// Phones waiting for this sink.
+    pub waiting: u64,
+    pub recovered: bool,
 }

@@ -222,6 +222,7 @@ fn scrub(e: SinkError, token: &str) -> SinkError {
             SinkError::Transient { message: message.replace(token, "[REDACTED]"), retry_after }
         }
         SinkError::Misconfigured(m) => SinkError::Misconfigured(m.replace(token, "[REDACTED]")),
+        SinkError::Uncertain(m) => SinkError::Uncertain(m.replace(token, "[REDACTED]")),
     }
 }
 
