@@ -30,6 +30,7 @@ pub struct Config {
     pub keywords: KeywordsConfig,
     pub redcap: Option<RedcapConfig>,
     pub email: Option<EmailConfig>,
+    pub sinks: BTreeMap<String, SinkConfig>,
     pub relay: RelayConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
@@ -83,6 +84,19 @@ pub struct EmailConfig {
     /// certificate comes from the organisation's private CA.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default = "default_alert_after", with = "humantime_serde")]
+    pub alert_after: Duration,
+    #[serde(default = "default_report_wait", with = "humantime_serde")]
+    pub report_wait: Duration,
+}
+
+fn default_alert_after() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_report_wait() -> Duration {
+    Duration::from_secs(10 * 60)
 }
 
 fn default_smtp_timeout() -> Duration {
@@ -247,6 +261,37 @@ pub struct RedcapConfig {
     /// REDCap bans an IP for good past its per-IP limit (600/min by default).
     #[serde(default = "default_calls_per_minute")]
     pub max_calls_per_minute: u32,
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default = "default_resync_interval", with = "humantime_serde")]
+    pub resync_interval: Duration,
+}
+
+fn default_resync_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// TEMP (replaced by the config branch).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    Redcap(RedcapConfig),
+    Email(EmailConfig),
+}
+
+impl SinkConfig {
+    pub fn scopes(&self) -> Option<&[String]> {
+        match self {
+            SinkConfig::Redcap(c) => c.scopes.as_deref(),
+            SinkConfig::Email(c) => c.scopes.as_deref(),
+        }
+    }
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Redcap(_) => "redcap",
+            SinkConfig::Email(_) => "email",
+        }
+    }
 }
 
 fn default_timezone() -> String {
@@ -280,6 +325,10 @@ pub struct RelayConfig {
     pub max_attempts: u32,
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub recheck_soon: Duration,
+    #[serde(with = "humantime_serde")]
+    pub recheck_late: Duration,
 }
 
 impl Default for RelayConfig {
@@ -295,6 +344,8 @@ impl Default for RelayConfig {
             max_attempts: 100,
             // Well inside the FCC's 10 business days, so an operator has time to act.
             max_age: Duration::from_secs(3 * 24 * 3600),
+            recheck_soon: Duration::from_secs(15),
+            recheck_late: Duration::from_secs(600),
         }
     }
 }
@@ -489,15 +540,16 @@ impl Config {
         out
     }
 
-    /// Names of the sinks that ingest creates a delivery for.
-    pub fn sink_names(&self) -> Vec<&'static str> {
-        let mut sinks = Vec::new();
-        if self.redcap.is_some() {
-            sinks.push(crate::sinks::redcap::SINK_NAME);
+    /// TEMP: the resolved sinks, shorthand included, by name.
+    pub fn sinks(&self) -> Vec<(String, SinkConfig)> {
+        let mut out: Vec<(String, SinkConfig)> = self.sinks.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(r) = &self.redcap {
+            out.push(("redcap".to_owned(), SinkConfig::Redcap(r.clone())));
         }
-        if self.email.is_some() {
-            sinks.push(crate::sinks::EMAIL_SINK);
+        if let Some(e) = &self.email {
+            out.push(("email".to_owned(), SinkConfig::Email(e.clone())));
         }
-        sinks
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 }

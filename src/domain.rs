@@ -6,6 +6,11 @@ use std::fmt;
 use phonenumber::country;
 use serde::{Deserialize, Serialize};
 
+/// Scope of a revocation staff recorded (or an import holds) without naming
+/// one: the whole organisation, since the FCC rule lets a person revoke "by
+/// any reasonable means". Such an event counts in every scope.
+pub const ORGANISATION_SCOPE: &str = "organisation";
+
 /// A phone number in E.164 (`+14155550101`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]

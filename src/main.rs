@@ -3,6 +3,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -10,8 +11,10 @@ use clap::{Parser, Subcommand};
 use optout_relay::config::Config;
 use optout_relay::domain::{EventKind, Phone};
 use optout_relay::ops;
+use optout_relay::relay::{self, resync};
 use optout_relay::sinks::redcap::RedcapSink;
-use optout_relay::startup::Application;
+use optout_relay::sinks::Sink;
+use optout_relay::startup::{build_sinks, Application};
 use optout_relay::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -44,10 +47,22 @@ enum Command {
     },
     /// Probe /readyz at the configured listen address; exit 0 only on 200 (container HEALTHCHECK).
     Healthcheck,
-    /// Is this number opted out, since when, and did each sink get it? (JSON)
+    /// Without a phone: every sink's health and backlog. With one: is this
+    /// number opted out, since when, and does each sink hold it? (JSON)
     Status {
         /// The phone number, in any format.
-        phone: String,
+        phone: Option<String>,
+    },
+    /// End a sink's backoff now (after fixing its token, say); a running `serve` picks it up.
+    Retry {
+        /// The sink's name (e.g. redcap).
+        sink: String,
+    },
+    /// Check every opted-out phone the sink follows against it now and stamp
+    /// records whose field is blank or differs (never clears).
+    Resync {
+        /// The sink's name (a REDCap sink).
+        sink: String,
     },
     /// Record an opt-out received another way (call, email, letter); it is relayed like a STOP.
     OptOut(StaffArgs),
@@ -95,7 +110,9 @@ fn main() -> ExitCode {
             Command::CheckConfig => check_config(config).await,
             Command::Replay { dead, sink } => replay(config, dead, sink).await,
             Command::Healthcheck => healthcheck(config).await,
-            Command::Status { phone } => status(config, &phone).await,
+            Command::Status { phone } => status(config, phone.as_deref()).await,
+            Command::Retry { sink } => retry(config, &sink).await,
+            Command::Resync { sink } => resync(config, &sink).await,
             Command::OptOut(args) => staff(config, args, EventKind::OptOut).await,
             Command::OptIn(args) => staff(config, args, EventKind::OptIn).await,
         }
@@ -175,12 +192,53 @@ fn phone_arg(config: &Config, raw: &str) -> anyhow::Result<Phone> {
     Phone::parse(raw, region).map_err(|_| anyhow::anyhow!("{raw:?} is not a phone number"))
 }
 
-async fn status(config: Config, raw: &str) -> anyhow::Result<ExitCode> {
-    let phone = phone_arg(&config, raw)?;
+/// The configured sinks, built as `serve` builds them (no call is made).
+fn sinks_of(config: &Config) -> anyhow::Result<Vec<Arc<Sink>>> {
+    let region = config.keywords.region().context("keywords.default_region")?;
+    Ok(build_sinks(config, region)?)
+}
+
+async fn status(config: Config, raw: Option<&str>) -> anyhow::Result<ExitCode> {
+    let sinks = sinks_of(&config)?;
     let store = Store::connect_lazy(&config.database)?;
-    let status = ops::phone_status(&store, &phone).await?;
+    let out = match raw {
+        Some(raw) => {
+            let phone = phone_arg(&config, raw)?;
+            serde_json::to_string_pretty(&ops::phone_status(&store, &sinks, &phone).await?)?
+        }
+        None => serde_json::to_string_pretty(&ops::sinks_status(&store, &sinks).await?)?,
+    };
     store.close().await;
-    println!("{}", serde_json::to_string_pretty(&status)?);
+    println!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retry(config: Config, name: &str) -> anyhow::Result<ExitCode> {
+    let sinks = sinks_of(&config)?;
+    if !sinks.iter().any(|s| s.name == name) {
+        anyhow::bail!("no sink {name:?} in the configuration");
+    }
+    let store = Store::connect_lazy(&config.database)?;
+    let known = store.release_sink(name).await?;
+    store.close().await;
+    if !known {
+        anyhow::bail!("sink {name:?} has not run yet; `serve` makes it due when it starts");
+    }
+    println!(
+        "sink {name} is due now; a running `serve` probes it within {}",
+        humantime::format_duration(config.relay.poll_interval * 4)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn resync(config: Config, name: &str) -> anyhow::Result<ExitCode> {
+    let sinks = sinks_of(&config)?;
+    let sink =
+        sinks.iter().find(|s| s.name == name).with_context(|| format!("no sink {name:?} in the configuration"))?;
+    let store = Store::connect_lazy(&config.database)?;
+    let report = resync::run(&store, sink).await;
+    store.close().await;
+    println!("{}", serde_json::to_string_pretty(&report?)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -192,7 +250,7 @@ async fn staff(config: Config, args: StaffArgs, kind: EventKind) -> anyhow::Resu
     let store = Store::connect_lazy(&config.database)?;
     store.migrate().await?;
     let event = ops::staff_event(phone, kind, args.scope, args.note, &args.source);
-    let id = ops::record(&store, event, &config.sink_names()).await?;
+    let id = ops::record(&store, event, &relay::follows(&sinks_of(&config)?)).await?;
     store.close().await;
     println!("recorded {} as event {id}; a running `serve` relays it", kind.as_str());
     Ok(ExitCode::SUCCESS)

@@ -72,16 +72,17 @@ pub fn event(kind: &'static str) {
     metrics::counter!("optout_events_total", "kind" => kind).increment(1);
 }
 
-pub fn delivery(sink: &'static str, outcome: &'static str, n: u64) {
-    metrics::counter!("optout_deliveries_total", "sink" => sink, "outcome" => outcome).increment(n);
+/// Rows settled by outcome: `written`, `unchanged`, `uncertain`, `failed`, `dead`.
+pub fn delivery(sink: &str, outcome: &'static str, n: u64) {
+    metrics::counter!("optout_deliveries_total", "sink" => sink.to_owned(), "outcome" => outcome).increment(n);
 }
 
-pub fn attempts(sink: &'static str, n: u64) {
-    metrics::counter!("optout_delivery_attempts_total", "sink" => sink).increment(n);
+pub fn attempts(sink: &str, n: u64) {
+    metrics::counter!("optout_delivery_attempts_total", "sink" => sink.to_owned()).increment(n);
 }
 
-pub fn sink_call(sink: &'static str, call: &'static str, seconds: f64) {
-    metrics::histogram!("optout_sink_call_duration_seconds", "sink" => sink, "call" => call).record(seconds);
+pub fn sink_call(sink: &str, call: &'static str, seconds: f64) {
+    metrics::histogram!("optout_sink_call_duration_seconds", "sink" => sink.to_owned(), "call" => call).record(seconds);
 }
 
 pub fn webhook_latency(seconds: f64) {

@@ -1,56 +1,139 @@
 //! Operator actions shared by the admin API and the command line, so both
 //! answer the same question the same way.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::domain::{EventKind, MessageSid, Phone};
-use crate::store::{DeliveryRow, EventRow, NewEvent, RecordOutcome, StateRow, Store, StoreError};
+use crate::relay::target::{effective, held, target, Effective};
+use crate::sinks::Sink;
+use crate::store::{EventRow, Held, NewEvent, RecordOutcome, SinkFollow, StateRow, Store, StoreError};
 
-/// Scope of a revocation staff recorded without naming one: the whole
-/// organisation, since the FCC rule lets a person revoke "by any reasonable means".
-pub const ORGANISATION_SCOPE: &str = "organisation";
+pub use crate::domain::ORGANISATION_SCOPE;
 
 /// How many of a phone's events `phone_status` shows: the newest ones.
 pub const PHONE_HISTORY_LIMIT: i64 = 500;
 
-/// "Is this number opted out, since when, and did REDCap get it?"
+/// "Is this number opted out, since when, and does every sink hold it?"
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PhoneStatus {
     pub phone: String,
-    /// True when any scope's newest event is an opt-out.
+    /// True when any scope's state (organisation-wide events counted) is opted out.
     pub opted_out: bool,
+    /// Each scope's state, the organisation-wide events taken into account.
+    pub scopes: Vec<Effective>,
+    /// The stored newest event per scope (`organisation` included).
     pub states: Vec<StateRow>,
-    /// The newest events (up to [`PHONE_HISTORY_LIMIT`]), newest first, each with its deliveries.
-    pub events: Vec<EventWithDeliveries>,
+    /// Per configured sink: what it should hold, what was last written, when.
+    pub sinks: Vec<SinkTarget>,
+    /// The newest events (up to [`PHONE_HISTORY_LIMIT`]), newest first.
+    pub events: Vec<EventRow>,
 }
 
+/// One sink's view of one phone.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct EventWithDeliveries {
-    #[serde(flatten)]
-    pub event: EventRow,
-    pub deliveries: Vec<DeliveryRow>,
+pub struct SinkTarget {
+    pub sink: String,
+    /// What the sink should hold now.
+    pub target: Held,
+    /// What was last written there (`null`: nothing ever).
+    pub written: Option<Held>,
+    pub written_at: Option<DateTime<Utc>>,
+    /// The sink holds its target (as far as the relay knows).
+    pub in_sync: bool,
+    /// `pending`, `done`, `dead`, or `none` (the sink never had work for it).
+    pub status: String,
+    /// The last write's outcome is unknown; a re-read is scheduled.
+    pub uncertain: bool,
+    pub last_error: Option<String>,
+    /// What the sink said it did (e.g. REDCap record ids).
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
 }
 
-pub async fn phone_status(store: &Store, phone: &Phone) -> Result<PhoneStatus, StoreError> {
+pub async fn phone_status(store: &Store, sinks: &[Arc<Sink>], phone: &Phone) -> Result<PhoneStatus, StoreError> {
     let states = store.states(phone).await?;
+    let rows = store.deliveries_of_phone(phone).await?;
     let events = store.recent_events(phone, PHONE_HISTORY_LIMIT).await?;
-    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
-    let mut by_event: HashMap<i64, Vec<DeliveryRow>> = HashMap::new();
-    for d in store.deliveries_of_events(&ids).await? {
-        by_event.entry(d.event_id).or_default().push(d);
-    }
-    let events = events
-        .into_iter()
-        .map(|event| {
-            let deliveries = by_event.remove(&event.id).unwrap_or_default();
-            EventWithDeliveries { event, deliveries }
+    let scopes = effective(&states, None);
+    let sinks = sinks
+        .iter()
+        .map(|sink| {
+            let want = held(target(&states, sink.scopes.as_deref()));
+            let row = rows.iter().find(|r| r.sink == sink.name);
+            let written = row.and_then(|r| r.written());
+            let uncertain = row.is_some_and(|r| r.uncertain);
+            SinkTarget {
+                sink: sink.name.clone(),
+                target: want,
+                written,
+                written_at: row.and_then(|r| r.written_at),
+                // Never written and opted in: nothing of ours is there to clear.
+                in_sync: !uncertain && (written == Some(want) || (written.is_none() && !want.opted_out)),
+                status: row.map_or_else(|| "none".to_owned(), |r| r.status.clone()),
+                uncertain,
+                last_error: row.and_then(|r| r.last_error.clone()),
+                result: row.and_then(|r| r.result.clone()),
+            }
         })
         .collect();
-    Ok(PhoneStatus { phone: phone.as_str().to_owned(), opted_out: states.iter().any(|s| s.opted_out), states, events })
+    Ok(PhoneStatus {
+        phone: phone.as_str().to_owned(),
+        opted_out: scopes.iter().any(|s| s.opted_out),
+        scopes,
+        states,
+        sinks,
+        events,
+    })
+}
+
+/// A sink's health as operators see it (`GET /v1/sinks`, `optout-relay status`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SinkStatus {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `ok`, `backing_off` or `misconfigured` (`unknown` before its first start).
+    pub health: String,
+    /// When the current run of failures began.
+    pub failing_since: Option<DateTime<Utc>>,
+    pub next_probe_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    /// Phones waiting for this sink.
+    pub waiting: i64,
+    /// How long the oldest of them has waited, in seconds.
+    pub oldest_waiting_seconds: Option<i64>,
+    /// Phones given up on after relay.max_age (replay with `replay --dead`).
+    pub dead: i64,
+    pub last_resync_at: Option<DateTime<Utc>>,
+}
+
+pub async fn sinks_status(store: &Store, sinks: &[Arc<Sink>]) -> Result<Vec<SinkStatus>, StoreError> {
+    let rows = store.sinks().await?;
+    let stats = store.queue_stats().await?;
+    let now = Utc::now();
+    Ok(sinks
+        .iter()
+        .map(|sink| {
+            let row = rows.iter().find(|r| r.name == sink.name);
+            let q = stats.iter().find(|s| s.sink == sink.name);
+            SinkStatus {
+                name: sink.name.clone(),
+                kind: sink.type_name().to_owned(),
+                health: row.map_or_else(|| "unknown".to_owned(), |r| r.health.clone()),
+                failing_since: row.and_then(|r| r.failing_since),
+                next_probe_at: row.and_then(|r| r.next_probe_at),
+                last_error: row.and_then(|r| r.last_error.clone()),
+                waiting: q.map_or(0, |q| q.pending),
+                oldest_waiting_seconds: q.and_then(|q| q.oldest_pending).map(|t| (now - t).num_seconds().max(0)),
+                dead: q.map_or(0, |q| q.dead),
+                last_resync_at: row.and_then(|r| r.resynced_at),
+            }
+        })
+        .collect())
 }
 
 /// A revocation (or a renewed consent) received another way: by phone,
@@ -81,7 +164,7 @@ pub fn staff_event(
 }
 
 /// Records a staff event directly (command line: no server needed).
-pub async fn record(store: &Store, event: NewEvent, sinks: &[&str]) -> Result<i64, StoreError> {
+pub async fn record(store: &Store, event: NewEvent, sinks: &[SinkFollow]) -> Result<i64, StoreError> {
     match store.record_events(std::slice::from_ref(&event), sinks).await?.first() {
         Some(RecordOutcome::Recorded(id)) => Ok(*id),
         _ => Err(StoreError::Query("event was not recorded".into())),

@@ -11,11 +11,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::config::SinkConfig;
 use crate::http::{self, AppState, Inner};
-use crate::relay;
+use crate::relay::{self, Relay};
 use crate::sinks::email::EmailSink;
 use crate::sinks::redcap::RedcapSink;
-use crate::sinks::Sink;
+use crate::sinks::{Sink, SinkKind};
 use crate::store::batch::BatchWriter;
 use crate::store::Store;
 use crate::supervise::{self, Tasks};
@@ -37,9 +38,7 @@ pub struct Application {
     router: axum::Router,
     store: Store,
     config: Config,
-    sinks: Vec<Arc<Sink>>,
-    /// Notified when new deliveries were committed: wakes the relay.
-    recorded: Arc<Notify>,
+    relay: Arc<Relay>,
     /// Every supervised background task, for `/readyz`.
     tasks: Tasks,
     /// Stops restarting batch writers; cancelled once the server has stopped.
@@ -62,21 +61,28 @@ impl Application {
         Self::warn_about(&config, addr);
 
         crate::metrics::handle();
+        let twilio = &config.twilio;
+        let region = config.keywords.region().ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
+        let sinks = build_sinks(&config, region)?;
+        for sink in &sinks {
+            refuse_short_lease(&config, sink)?;
+        }
+        // Notified when new work was committed: wakes the relay.
         let recorded = Arc::new(Notify::new());
+        let relay =
+            Arc::new(Relay { store: store.clone(), sinks, policy: config.relay.clone(), wake: recorded.clone() });
         // PostgreSQL overlaps commits from two writers; SQLite has one write lock.
         let writers = if store.backend() == "postgres" { 2 } else { 1 };
         let tasks = Tasks::new();
         let writers_stop = CancellationToken::new();
         let writer = BatchWriter::spawn(
             store.clone(),
-            config.sink_names(),
+            Arc::new(relay::follows(&relay.sinks)),
             writers,
             recorded.clone(),
             &tasks,
             writers_stop.clone(),
         );
-        let twilio = &config.twilio;
-        let region = config.keywords.region().ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
         let state = AppState::new(Inner {
             store: store.clone(),
             writer,
@@ -86,13 +92,11 @@ impl Application {
             keywords: Keywords::new(&config.keywords),
             region,
             mask_phones: config.log.mask_phones,
-            sinks: config.sink_names(),
-            relay_wake: recorded.clone(),
+            relay: relay.clone(),
             tasks: tasks.clone(),
         });
         let router = http::router(state, config.server.max_body_bytes, config.admin.tokens.clone());
-        let sinks = build_sinks(&config, region, &store)?;
-        Ok(Application { listener, router, store, config, sinks, recorded, tasks, writers_stop })
+        Ok(Application { listener, router, store, config, relay, tasks, writers_stop })
     }
 
     fn warn_about(config: &Config, addr: SocketAddr) {
@@ -108,8 +112,8 @@ impl Application {
         if config.server.public_url.is_none() {
             tracing::warn!("server.public_url is not set: signatures are checked against the request's Host header, which fails behind most proxies");
         }
-        if config.sink_names().is_empty() {
-            tracing::warn!("no sink configured ([redcap]): events are recorded but relayed nowhere");
+        if config.sinks().is_empty() {
+            tracing::warn!("no sink configured ([redcap] or [sinks.NAME]): events are recorded but relayed nowhere");
         }
         tracing::info!(%addr, store = config.database.url.expose_secret().split(':').next().unwrap_or(""), "listening");
     }
@@ -129,14 +133,8 @@ impl Application {
         if self.config.database.run_migrations_on_start {
             spawn_migrations(self.store.clone(), &self.tasks, shutdown.clone());
         }
-        let workers = relay::spawn(
-            self.store.clone(),
-            self.sinks.clone(),
-            self.config.relay.clone(),
-            self.recorded.clone(),
-            &self.tasks,
-            shutdown.clone(),
-        );
+        let workers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        start_relay(self.relay.clone(), &self.tasks, shutdown.clone(), workers.clone());
         let grace = self.config.server.shutdown_grace;
         let signal = shutdown.clone();
         let server =
@@ -156,6 +154,7 @@ impl Application {
         self.writers_stop.cancel();
         // Workers finish the batch in hand; a lease they cannot settle expires
         // and the delivery is retried, so a bounded wait loses nothing.
+        let workers = std::mem::take(&mut *workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         let _ = tokio::time::timeout(grace, futures_util::future::join_all(workers)).await;
         self.store.close().await;
         tracing::info!("stopped");
@@ -163,22 +162,78 @@ impl Application {
     }
 }
 
-/// One sink per configured section; ingest queues a delivery for each.
-pub fn build_sinks(
-    config: &Config,
-    region: phonenumber::country::Id,
-    store: &Store,
-) -> Result<Vec<Arc<Sink>>, StartError> {
+/// One sink per configured sink (`[sinks.NAME]`, `[redcap]`, `[email]`).
+pub fn build_sinks(config: &Config, region: phonenumber::country::Id) -> Result<Vec<Arc<Sink>>, StartError> {
     let mut sinks = Vec::new();
-    if let Some(cfg) = &config.redcap {
-        let sink = RedcapSink::new(cfg, region).map_err(|e| StartError::Config(format!("redcap: {e}")))?;
-        sinks.push(Arc::new(Sink::Redcap(sink)));
-    }
-    if let Some(cfg) = &config.email {
-        let sink = EmailSink::new(cfg, store.clone()).map_err(|e| StartError::Config(format!("email: {e}")))?;
-        sinks.push(Arc::new(Sink::Email(sink)));
+    for (name, cfg) in config.sinks() {
+        let scopes = cfg.scopes().map(<[String]>::to_vec);
+        let kind = match &cfg {
+            SinkConfig::Redcap(c) => SinkKind::Redcap {
+                sink: RedcapSink::new(c, region).map_err(|e| StartError::Config(format!("sink {name}: {e}")))?,
+                resync_interval: c.resync_interval,
+            },
+            SinkConfig::Email(c) => SinkKind::Email {
+                sink: EmailSink::new(c).map_err(|e| StartError::Config(format!("sink {name}: {e}")))?,
+                alert_after: c.alert_after,
+                report_wait: c.report_wait,
+            },
+        };
+        sinks.push(Arc::new(Sink { name, scopes, kind }));
     }
     Ok(sinks)
+}
+
+/// `serve` refuses a lease a REDCap batch could outlive: a worker past its
+/// lease may write after another worker's newer write.
+fn refuse_short_lease(config: &Config, sink: &Sink) -> Result<(), StartError> {
+    if let SinkKind::Redcap { sink: redcap, .. } = &sink.kind {
+        let worst = redcap.worst_case_batch();
+        if config.relay.lease <= worst {
+            return Err(StartError::Config(format!(
+                "relay.lease ({}) must be longer than sink {}'s worst-case batch ({}); raise relay.lease or lower request_timeout",
+                humantime::format_duration(config.relay.lease),
+                sink.name,
+                humantime::format_duration(worst),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Registers the sinks (which needs the migrations: retried until they are
+/// applied), filling a new one with the opt-outs it follows and making every
+/// sink due, then starts the relay's tasks into `handles`.
+fn start_relay(
+    relay: Arc<Relay>,
+    tasks: &Tasks,
+    shutdown: CancellationToken,
+    handles: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+) {
+    let tasks_for_relay = tasks.clone();
+    let stop = shutdown.clone();
+    let handle = tokio::spawn(async move {
+        let follows = relay::follows(&relay.sinks);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match relay.store.register_sinks(&follows).await {
+                Ok(added) => {
+                    for name in added {
+                        tracing::info!(sink = %name, "new sink: it will receive every opt-out it follows");
+                    }
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot register the sinks yet; retrying"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        let spawned = relay.clone().spawn(&tasks_for_relay, stop);
+        handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(spawned);
+    });
+    drop(handle);
 }
 
 /// Applies migrations, retrying while the database is unreachable so a

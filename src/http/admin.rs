@@ -18,16 +18,17 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use super::error::ApiError;
 use super::AppState;
 use crate::domain::{EventKind, Phone};
-use crate::ops::{self, PhoneStatus};
-use crate::store::{DeliveryFilter, DeliveryRow, EventFilter, EventRow, RecordOutcome, RetryOutcome, StateRow};
+use crate::ops::{self, PhoneStatus, SinkStatus, SinkTarget};
+use crate::relay::target::Effective;
+use crate::store::{DeliveryFilter, DeliveryRow, EventFilter, EventRow, Held, RecordOutcome, RetryOutcome, StateRow};
 
 const MAX_LIMIT: i64 = 500;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "optout-relay admin API", description = "Opt-out state, events and deliveries; staff-recorded revocations."),
-    paths(phone, events, deliveries, retry_one, retry_dead, opt_out, opt_in),
-    components(schemas(PhoneStatus, EventRow, DeliveryRow, StateRow, EventPage, DeliveryPage, StaffChange, Recorded)),
+    info(title = "optout-relay admin API", description = "Opt-out state, events, sinks and what each holds; staff-recorded revocations."),
+    paths(phone, events, sinks, retry_sink, deliveries, retry_one, retry_dead, opt_out, opt_in),
+    components(schemas(PhoneStatus, SinkTarget, Effective, Held, SinkStatus, EventRow, DeliveryRow, StateRow, EventPage, DeliveryPage, StaffChange, Recorded)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -51,6 +52,8 @@ pub fn router(tokens: Vec<SecretString>) -> Router<AppState> {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/phones/{phone}", get(phone))
         .route("/v1/events", get(events))
+        .route("/v1/sinks", get(sinks))
+        .route("/v1/sinks/{name}/retry", post(retry_sink))
         .route("/v1/deliveries", get(deliveries))
         .route("/v1/deliveries/retry-dead", post(retry_dead))
         .route("/v1/deliveries/{id}/retry", post(retry_one))
@@ -94,13 +97,32 @@ fn limit(requested: Option<i64>) -> i64 {
     requested.unwrap_or(100).clamp(1, MAX_LIMIT)
 }
 
-/// Current opt-out state per scope, the events that made it, and each
-/// delivery's status and records touched.
+/// Current opt-out state per scope, per sink the target against what was
+/// last written there (and when), and the events that made it.
 #[utoipa::path(get, path = "/v1/phones/{phone}", params(("phone" = String, Path, description = "Any format; read with keywords.default_region")),
     responses((status = 200, body = PhoneStatus), (status = 400), (status = 401)))]
 async fn phone(State(app): State<AppState>, Path(raw): Path<String>) -> Result<Json<PhoneStatus>, ApiError> {
     let phone = parse_phone(&app, &raw)?;
-    Ok(Json(ops::phone_status(&app.store, &phone).await?))
+    Ok(Json(ops::phone_status(&app.store, &app.relay.sinks, &phone).await?))
+}
+
+/// Every configured sink with its health (ok, backing off, misconfigured,
+/// since when), the phones waiting for it and the oldest one's age.
+#[utoipa::path(get, path = "/v1/sinks", responses((status = 200, body = [SinkStatus]), (status = 401)))]
+async fn sinks(State(app): State<AppState>) -> Result<Json<Vec<SinkStatus>>, ApiError> {
+    Ok(Json(ops::sinks_status(&app.store, &app.relay.sinks).await?))
+}
+
+/// Ends a sink's backoff (after fixing its token, say): its next probe is due now.
+#[utoipa::path(post, path = "/v1/sinks/{name}/retry", params(("name" = String, Path)),
+    responses((status = 200), (status = 404), (status = 401)))]
+async fn retry_sink(State(app): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    if app.relay.sink(&name).is_none() || !app.store.release_sink(&name).await? {
+        return Err(ApiError::NotFound(format!("no sink {name}")));
+    }
+    tracing::info!(sink = %name, "operator released the sink from backoff");
+    app.wake_relay();
+    Ok(Json(json!({ "sink": name, "due": "now" })))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -147,6 +169,7 @@ struct DeliveryQuery {
     /// `pending`, `dead` or `done`.
     status: Option<String>,
     sink: Option<String>,
+    phone: Option<String>,
     limit: Option<i64>,
     after: Option<i64>,
 }
@@ -167,17 +190,24 @@ async fn deliveries(
             return Err(ApiError::BadRequest("status must be pending, dead or done".into()));
         }
     }
+    let phone = q.phone.as_deref().map(|p| parse_phone(&app, p)).transpose()?;
     let limit = limit(q.limit);
-    let filter =
-        DeliveryFilter { status: q.status, sink: q.sink, after_id: q.after, limit, ..DeliveryFilter::default() };
+    let filter = DeliveryFilter {
+        status: q.status,
+        sink: q.sink,
+        phone: phone.map(|p| p.as_str().to_owned()),
+        after_id: q.after,
+        limit,
+    };
     let items = app.store.list_deliveries(&filter).await?;
     let next_after = (items.len() as i64 == limit).then(|| items.last().map(|d| d.id)).flatten();
     Ok(Json(DeliveryPage { items, next_after }))
 }
 
-/// Re-queues one dead (or waiting) delivery, due now.
+/// Re-queues one (sink, phone) row, due now: it is checked against the sink
+/// once more, whatever its status.
 #[utoipa::path(post, path = "/v1/deliveries/{id}/retry", params(("id" = i64, Path)),
-    responses((status = 200), (status = 404), (status = 409, description = "done, or in a worker's hands"), (status = 401)))]
+    responses((status = 200), (status = 404), (status = 409, description = "in a worker's hands"), (status = 401)))]
 async fn retry_one(State(app): State<AppState>, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
     match app.store.retry_delivery(id).await? {
         RetryOutcome::Requeued => {
@@ -185,9 +215,7 @@ async fn retry_one(State(app): State<AppState>, Path(id): Path<i64>) -> Result<J
             Ok(Json(json!({ "id": id, "status": "pending" })))
         }
         RetryOutcome::NotFound => Err(ApiError::NotFound(format!("no delivery {id}"))),
-        RetryOutcome::NotRetryable => {
-            Err(ApiError::Conflict(format!("delivery {id} is done or being delivered right now")))
-        }
+        RetryOutcome::NotRetryable => Err(ApiError::Conflict(format!("delivery {id} is being delivered right now"))),
     }
 }
 

@@ -52,8 +52,8 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     match stats {
         Ok(stats) => {
             let now = chrono::Utc::now();
-            for sink in &app.sinks {
-                let s = stats.iter().find(|s| s.sink == *sink);
+            for sink in app.relay.sinks.iter().map(|s| s.name.as_str()) {
+                let s = stats.iter().find(|s| s.sink == sink);
                 let age = s
                     .and_then(|s| s.oldest_pending)
                     .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);

@@ -38,10 +38,9 @@ pub struct Inner {
     pub keywords: Keywords,
     pub region: country::Id,
     pub mask_phones: bool,
-    /// Configured sink names, for the queue gauges.
-    pub sinks: Vec<&'static str>,
-    /// Wakes the relay workers (after a retry was requested).
-    pub relay_wake: Arc<tokio::sync::Notify>,
+    /// The configured sinks and the relay's policy (the relay itself runs
+    /// apart); the admin API computes targets and releases sinks through it.
+    pub relay: Arc<crate::relay::Relay>,
     /// The supervised background tasks, for `/readyz`.
     pub tasks: crate::supervise::Tasks,
 }
@@ -84,7 +83,7 @@ impl AppState {
     }
 
     pub fn wake_relay(&self) {
-        self.relay_wake.notify_waiters();
+        self.relay.wake.notify_waiters();
     }
 
     pub fn show_phone(&self, phone: &Phone) -> String {

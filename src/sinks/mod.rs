@@ -48,47 +48,44 @@ pub enum SinkError {
     Uncertain(String),
 }
 
-/// The configured sinks.
-pub enum Sink {
-    Redcap(redcap::RedcapSink),
-    Email(email::EmailSink),
+/// A configured sink: its name (in the queue, metrics, logs, the admin API
+/// and the CLI), the scopes it follows and what it is.
+pub struct Sink {
+    pub name: String,
+    /// `None`: every scope.
+    pub scopes: Option<Vec<String>>,
+    pub kind: SinkKind,
+}
+
+pub enum SinkKind {
+    Redcap {
+        sink: redcap::RedcapSink,
+        /// How often every opted-out phone is checked against the project; zero: never.
+        resync_interval: Duration,
+    },
+    Email {
+        sink: email::EmailSink,
+        /// A sink failing longer than this is reported by mail.
+        alert_after: Duration,
+        /// How long a notification waits for the other sinks' outcome.
+        report_wait: Duration,
+    },
 }
 
 impl Sink {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Sink::Redcap(_) => redcap::SINK_NAME,
-            Sink::Email(_) => EMAIL_SINK,
-        }
-    }
-
-    /// How many deliveries to claim at once. Email sends one message per
-    /// delivery, so its batches stay small enough to finish well inside a lease.
+    /// How many phones to claim at once. Email sends one message per phone,
+    /// so its batches stay small enough to finish well inside a lease.
     pub fn batch_size(&self, configured: u32) -> u32 {
-        match self {
-            Sink::Redcap(_) => configured,
-            Sink::Email(_) => configured.min(20),
+        match self.kind {
+            SinkKind::Redcap { .. } => configured,
+            SinkKind::Email { .. } => configured.min(20),
         }
     }
 
-    /// Whether this sink reports what the other sinks did with an event (and
-    /// so waits for them).
-    pub fn reports_on_others(&self) -> bool {
-        self.name() == EMAIL_SINK
-    }
-
-    /// Applies every item; returns one outcome per item, in order. On success
-    /// the value says what was changed (e.g. `{"records": ["12", "40"]}`) and
-    /// is recorded on the delivery. REDCap applies a batch as a whole (one
-    /// export, one import), so its items share one outcome; email sends one
-    /// message per item, so a failure affects only its own item.
-    pub async fn apply(&self, items: &[DeliveryItem]) -> Vec<Result<Value, SinkError>> {
-        match self {
-            Sink::Redcap(s) => match s.apply(items).await {
-                Ok(values) => values.into_iter().map(Ok).collect(),
-                Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
-            },
-            Sink::Email(s) => s.apply(items).await,
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            SinkKind::Redcap { .. } => "redcap",
+            SinkKind::Email { .. } => "email",
         }
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{NewEvent, RecordOutcome, Store, StoreError};
+use super::{NewEvent, RecordOutcome, SinkFollow, Store, StoreError};
 use crate::supervise::{self, Tasks};
 
 const MAX_BATCH: usize = 256;
@@ -36,7 +36,7 @@ trait Recorder: Clone + Send + Sync + 'static {
     fn record(
         &self,
         events: &[NewEvent],
-        sinks: &[&'static str],
+        sinks: &[SinkFollow],
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, StoreError>> + Send;
 }
 
@@ -44,7 +44,7 @@ impl Recorder for Store {
     fn record(
         &self,
         events: &[NewEvent],
-        sinks: &[&'static str],
+        sinks: &[SinkFollow],
     ) -> impl Future<Output = Result<Vec<RecordOutcome>, StoreError>> + Send {
         self.record_events(events, sinks)
     }
@@ -63,7 +63,7 @@ impl BatchWriter {
     /// `shutdown` only stops restarting writers that panic.
     pub fn spawn(
         store: Store,
-        sinks: Vec<&'static str>,
+        sinks: Arc<Vec<SinkFollow>>,
         writers: usize,
         recorded: Arc<Notify>,
         tasks: &Tasks,
@@ -84,7 +84,7 @@ impl BatchWriter {
 
 fn spawn_with<R: Recorder>(
     recorder: R,
-    sinks: Vec<&'static str>,
+    sinks: Arc<Vec<SinkFollow>>,
     writers: usize,
     recorded: Arc<Notify>,
     tasks: &Tasks,
@@ -107,7 +107,7 @@ fn spawn_with<R: Recorder>(
 /// when every sender is gone.
 async fn write_batches<R: Recorder>(
     recorder: R,
-    sinks: Vec<&'static str>,
+    sinks: Arc<Vec<SinkFollow>>,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
     recorded: Arc<Notify>,
 ) {
@@ -200,7 +200,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_writer_that_panics_fails_its_jobs_and_is_restarted_on_the_same_channel() {
         let (tasks, shutdown, recorder) = (Tasks::new(), CancellationToken::new(), PanicsOnce::default());
-        let writer = spawn_with(recorder.clone(), vec![], 1, Arc::default(), &tasks, shutdown.clone());
+        let writer = spawn_with(recorder.clone(), Arc::default(), 1, Arc::default(), &tasks, shutdown.clone());
 
         let lost = writer.record(event("SMpanic1")).await;
         assert!(

@@ -1,6 +1,8 @@
-//! Recording events: the event, the newest-wins state of (scope, phone) and
-//! one pending delivery per sink, in one transaction, idempotent per
-//! MessageSid. The one place the backends take different paths on purpose:
+//! Recording events: the event, the newest-wins state of (scope, phone) and,
+//! for every sink that follows the event's scope, its (sink, phone) row made
+//! pending (the relay then brings that sink to the phone's current target),
+//! in one transaction, idempotent per MessageSid. "Newest" is by when the
+//! person said it, then by arrival. The one place the backends take different paths on purpose:
 //! PostgreSQL records a whole batch in one statement (one round trip, one
 //! WAL flush for many webhooks); SQLite, in-process, loops inside one
 //! transaction, where a statement costs microseconds.
@@ -13,13 +15,17 @@ use sqlx::{PgPool, Row, SqlitePool};
 
 use super::codec::Ts;
 use super::dialect::Dialect;
-use super::{NewEvent, Pool, RecordOutcome, Store, StoreError};
-use crate::domain::EventKind;
+use super::{NewEvent, Pool, RecordOutcome, SinkFollow, Store, StoreError};
+use crate::domain::{EventKind, ORGANISATION_SCOPE};
 
 impl Store {
-    /// Records events, their state change and one pending delivery per sink,
-    /// all in one transaction. Idempotent per MessageSid.
-    pub async fn record_events(&self, events: &[NewEvent], sinks: &[&str]) -> Result<Vec<RecordOutcome>, StoreError> {
+    /// Records events, their state change and a pending row for every sink
+    /// that follows them, all in one transaction. Idempotent per MessageSid.
+    pub async fn record_events(
+        &self,
+        events: &[NewEvent],
+        sinks: &[SinkFollow],
+    ) -> Result<Vec<RecordOutcome>, StoreError> {
         let (unique, rep) = dedupe(events);
         let inserted = match &self.pool {
             Pool::Postgres(pool) => record_in_one_statement(pool, events, &unique, sinks).await?,
@@ -37,8 +43,16 @@ async fn record_in_one_statement(
     pool: &PgPool,
     events: &[NewEvent],
     unique: &[usize],
-    sinks: &[&str],
+    sinks: &[SinkFollow],
 ) -> Result<HashMap<usize, i64>, StoreError> {
+    // (sink, scope) pairs; a NULL scope: the sink follows every scope.
+    let (follow_sinks, follow_scopes): (Vec<String>, Vec<Option<String>>) = sinks
+        .iter()
+        .flat_map(|f| match &f.scopes {
+            None => vec![(f.sink.clone(), None)],
+            Some(scopes) => scopes.iter().map(|s| (f.sink.clone(), Some(s.clone()))).collect(),
+        })
+        .unzip();
     let pick = |f: &dyn Fn(&NewEvent) -> Option<String>| unique.iter().map(|&i| f(&events[i])).collect::<Vec<_>>();
     let rows = sqlx::query(
         "WITH input AS (
@@ -57,21 +71,35 @@ async fn record_in_one_statement(
          ), newest AS (
              SELECT DISTINCT ON (scope, phone) scope, phone, kind, id, received_at
                FROM ins WHERE kind <> 'help'
-              ORDER BY scope, phone, id DESC
+              ORDER BY scope, phone, received_at DESC, id DESC
          ), state AS (
-             INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at)
-             SELECT scope, phone, kind = 'opt_out', id, received_at FROM newest
+             INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at, since)
+             SELECT scope, phone, kind = 'opt_out', id, received_at, received_at FROM newest
               -- A fixed lock order, so concurrent batches cannot deadlock.
               ORDER BY scope, phone
              ON CONFLICT (scope, phone) DO UPDATE
-                SET opted_out = EXCLUDED.opted_out, event_id = EXCLUDED.event_id, changed_at = EXCLUDED.changed_at
-              WHERE opt_out_state.event_id < EXCLUDED.event_id
+                SET opted_out = EXCLUDED.opted_out, event_id = EXCLUDED.event_id, changed_at = EXCLUDED.changed_at,
+                    since = CASE WHEN opt_out_state.opted_out = EXCLUDED.opted_out
+                                 THEN opt_out_state.since ELSE EXCLUDED.since END
+              WHERE (opt_out_state.changed_at, opt_out_state.event_id) < (EXCLUDED.changed_at, EXCLUDED.event_id)
+         ), touched AS (
+             -- One row per (sink, phone): ON CONFLICT may not touch a row twice.
+             SELECT DISTINCT ON (f.sink, i.phone) f.sink, i.phone, i.id
+               FROM ins i
+               JOIN UNNEST($13::text[], $14::text[]) AS f(sink, scope)
+                 ON f.scope IS NULL OR f.scope = i.scope OR i.scope = $16
+              WHERE i.kind <> 'help'
+              ORDER BY f.sink, i.phone, i.id DESC
          ), queued AS (
-             INSERT INTO deliveries (event_id, sink, phone, kind, next_attempt_at, created_at, updated_at, queued_at)
-             SELECT ins.id, s.sink, ins.phone, ins.kind, $14, $14, $14, $14
-               FROM ins CROSS JOIN UNNEST($13::text[]) AS s(sink)
-              WHERE ins.kind <> 'help'
-              ORDER BY ins.id, s.sink
+             INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
+             SELECT sink, phone, 'pending', id, $15, $15, $15, $15 FROM touched
+              ORDER BY sink, phone
+             ON CONFLICT (sink, phone) DO UPDATE
+                SET status = 'pending', generation = sink_phones.generation + 1, event_id = EXCLUDED.event_id,
+                    next_attempt_at = EXCLUDED.next_attempt_at, updated_at = EXCLUDED.updated_at,
+                    queued_at = CASE WHEN sink_phones.status = 'pending'
+                                     THEN sink_phones.queued_at ELSE EXCLUDED.queued_at END,
+                    attempts = CASE WHEN sink_phones.status = 'pending' THEN sink_phones.attempts ELSE 0 END
          )
          SELECT id, message_sid FROM ins",
     )
@@ -87,8 +115,10 @@ async fn record_in_one_statement(
     .bind(pick(&|e| Some(e.params.to_string())))
     .bind(unique.iter().map(|&i| events[i].received_at).collect::<Vec<_>>())
     .bind(pick(&|e| Some(e.source.clone())))
-    .bind(sinks.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+    .bind(follow_sinks)
+    .bind(follow_scopes)
     .bind(Ts(Utc::now()))
+    .bind(ORGANISATION_SCOPE)
     .fetch_all(pool)
     .await?;
 
@@ -108,7 +138,7 @@ async fn record_one_by_one(
     pool: &SqlitePool,
     events: &[NewEvent],
     unique: &[usize],
-    sinks: &[&str],
+    sinks: &[SinkFollow],
 ) -> Result<HashMap<usize, i64>, StoreError> {
     let now = Ts(Utc::now());
     let mut tx = pool.begin_write().await?;
@@ -142,11 +172,13 @@ async fn record_one_by_one(
             continue;
         }
         sqlx::query(
-            "INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at)
-             VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at, since)
+             VALUES ($1, $2, $3, $4, $5, $5)
              ON CONFLICT (scope, phone) DO UPDATE
-               SET opted_out = excluded.opted_out, event_id = excluded.event_id, changed_at = excluded.changed_at
-               WHERE opt_out_state.event_id < excluded.event_id",
+               SET opted_out = excluded.opted_out, event_id = excluded.event_id, changed_at = excluded.changed_at,
+                   since = CASE WHEN opt_out_state.opted_out = excluded.opted_out
+                                THEN opt_out_state.since ELSE excluded.since END
+               WHERE (opt_out_state.changed_at, opt_out_state.event_id) < (excluded.changed_at, excluded.event_id)",
         )
         .bind(&e.scope)
         .bind(e.phone.as_str())
@@ -155,15 +187,20 @@ async fn record_one_by_one(
         .bind(Ts(e.received_at))
         .execute(&mut *tx)
         .await?;
-        for sink in sinks {
+        for f in sinks.iter().filter(|f| follows(f, &e.scope)) {
             sqlx::query(
-                "INSERT INTO deliveries (event_id, sink, phone, kind, next_attempt_at, created_at, updated_at, queued_at)
-                 VALUES ($1, $2, $3, $4, $5, $5, $5, $5)",
+                "INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
+                 VALUES ($1, $2, 'pending', $3, $4, $4, $4, $4)
+                 ON CONFLICT (sink, phone) DO UPDATE
+                    SET status = 'pending', generation = sink_phones.generation + 1, event_id = excluded.event_id,
+                        next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at,
+                        queued_at = CASE WHEN sink_phones.status = 'pending'
+                                         THEN sink_phones.queued_at ELSE excluded.queued_at END,
+                        attempts = CASE WHEN sink_phones.status = 'pending' THEN sink_phones.attempts ELSE 0 END",
             )
-            .bind(id)
-            .bind(*sink)
+            .bind(&f.sink)
             .bind(e.phone.as_str())
-            .bind(e.kind.as_str())
+            .bind(id)
             .bind(now)
             .execute(&mut *tx)
             .await?;
@@ -171,6 +208,12 @@ async fn record_one_by_one(
     }
     tx.commit().await?;
     Ok(inserted)
+}
+
+/// Whether sink `f` follows an event of `scope`: organisation-wide events
+/// concern every sink.
+fn follows(f: &SinkFollow, scope: &str) -> bool {
+    scope == ORGANISATION_SCOPE || f.scopes.as_ref().is_none_or(|s| s.iter().any(|x| x == scope))
 }
 
 /// Deduplicates a batch by MessageSid (first wins) and returns the indexes

@@ -18,6 +18,7 @@
 pub mod batch;
 mod codec;
 mod dialect;
+mod health;
 mod ingest;
 mod model;
 mod queue;
@@ -32,7 +33,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 use crate::config::DatabaseConfig;
 
+pub use health::Failing;
 pub use model::*;
+pub use queue::Settled;
 
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

@@ -35,54 +35,114 @@ pub enum RecordOutcome {
     Duplicate,
 }
 
-/// A delivery claimed by a worker under a lease.
-#[derive(Debug, Clone)]
-pub struct ClaimedDelivery {
-    pub id: i64,
-    pub event_id: i64,
-    pub phone: Phone,
-    pub kind: EventKind,
-    /// Attempts including this one.
-    pub attempts: i32,
-    pub received_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    /// When the delivery last entered the queue (created, or re-queued by an
-    /// operator): the clock `relay.max_age` runs on.
-    pub queued_at: DateTime<Utc>,
-    /// A newer delivery for the same (sink, phone) is already done: applying
-    /// this one would undo it (a STOP replayed after a later START).
-    pub superseded: bool,
+/// A sink and the scopes it follows (`None`: every scope): which sinks an
+/// event concerns. Organisation-wide events concern every sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkFollow {
+    pub sink: String,
+    pub scopes: Option<Vec<String>>,
 }
 
-/// How a claimed delivery ends this attempt.
+/// What a sink holds, or should hold, for one phone, as the store keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Held {
+    pub opted_out: bool,
+    /// When the opt-out began (only when opted out).
+    pub since: Option<DateTime<Utc>>,
+}
+
+/// A (sink, phone) row claimed by a worker under a lease.
+#[derive(Debug, Clone)]
+pub struct ClaimedPhone {
+    pub id: i64,
+    pub phone: Phone,
+    /// Settling as done needs this to be unchanged: a newer event bumps it.
+    pub generation: i64,
+    /// The newest event that made the row pending.
+    pub event_id: Option<i64>,
+    /// Failed passes since the row became pending.
+    pub attempts: i32,
+    /// When the row became pending: the clock `relay.max_age` runs on.
+    pub queued_at: DateTime<Utc>,
+    /// What was last written (`None`: nothing ever).
+    pub written: Option<Held>,
+    /// The last write's outcome is unknown.
+    pub uncertain: bool,
+}
+
+/// How a claimed row ends this pass.
 #[derive(Debug, Clone)]
 pub enum Settle {
-    Done(Value),
-    Retry { at: DateTime<Utc>, error: String },
-    Dead(String),
+    /// The sink holds `held` now; `result` is what the sink said it did
+    /// (`None` when no call was needed: the previous result stays).
+    Written { held: Held, result: Option<Value> },
+    /// A write of `held` may or may not have landed: re-read at both times.
+    Uncertain { held: Held, error: String, soon: DateTime<Utc>, late: DateTime<Utc> },
+    /// Nothing was written; stays pending (the sink's backoff paces it), or
+    /// dead once older than `relay.max_age`.
+    Failed { error: String },
+    /// Not now (a notification waiting for the other sinks); no attempt used.
+    Wait { until: DateTime<Utc> },
 }
 
-/// A delivery as an operator sees it.
+/// A (sink, phone) row as an operator sees it: what was last written there
+/// and whether the relay still has work for it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct DeliveryRow {
     pub id: i64,
-    pub event_id: i64,
     pub sink: String,
     pub phone: String,
-    pub kind: String,
+    /// `pending` (work to do), `done` (holds the target), `dead` (given up).
     pub status: String,
+    pub event_id: Option<i64>,
     pub attempts: i32,
+    pub written_opted_out: Option<bool>,
+    #[sqlx(try_from = "OptTs")]
+    pub written_since: Option<DateTime<Utc>>,
+    #[sqlx(try_from = "OptTs")]
+    pub written_at: Option<DateTime<Utc>>,
+    /// The last write's outcome is unknown; a re-read is scheduled.
+    pub uncertain: bool,
     pub last_error: Option<String>,
-    /// What the sink changed (e.g. REDCap record ids), once done.
+    /// What the sink said it changed (e.g. REDCap record ids).
     #[schema(value_type = Option<Object>)]
     #[sqlx(json(nullable))]
     pub result: Option<Value>,
     #[sqlx(try_from = "Ts")]
-    pub created_at: DateTime<Utc>,
-    #[sqlx(try_from = "Ts")]
     pub next_attempt_at: DateTime<Utc>,
     #[sqlx(try_from = "OptTs")]
-    pub completed_at: Option<DateTime<Utc>>,
+    pub recheck_at: Option<DateTime<Utc>>,
+    #[sqlx(try_from = "Ts")]
+    pub queued_at: DateTime<Utc>,
+    #[sqlx(try_from = "Ts")]
+    pub updated_at: DateTime<Utc>,
+}
+
+impl DeliveryRow {
+    pub fn written(&self) -> Option<Held> {
+        self.written_opted_out.map(|opted_out| Held { opted_out, since: self.written_since })
+    }
+}
+
+/// A sink's health and queue, for `/v1/sinks`, `status` and metrics.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema, sqlx::FromRow)]
+pub struct SinkRow {
+    pub name: String,
+    /// `ok`, `backing_off` or `misconfigured`.
+    pub health: String,
+    /// When the current run of failures began.
+    #[sqlx(try_from = "OptTs")]
+    pub failing_since: Option<DateTime<Utc>>,
+    pub backoff_step: i32,
+    #[sqlx(try_from = "OptTs")]
+    pub next_probe_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    #[sqlx(try_from = "OptTs")]
+    pub alerted_at: Option<DateTime<Utc>>,
+    #[sqlx(try_from = "OptTs")]
+    pub resynced_at: Option<DateTime<Utc>>,
+    #[sqlx(try_from = "Ts")]
+    pub created_at: DateTime<Utc>,
 }
 
 /// An event as an operator sees it.
@@ -105,8 +165,11 @@ pub struct StateRow {
     pub scope: String,
     pub phone: String,
     pub opted_out: bool,
-    /// When the event that set this state arrived.
+    /// When the person said what set this state (its newest event).
     #[sqlx(rename = "changed_at", try_from = "Ts")]
+    pub said_at: DateTime<Utc>,
+    /// When the current value began (a second STOP does not move it).
+    #[sqlx(try_from = "Ts")]
     pub since: DateTime<Utc>,
     pub event_id: i64,
 }
@@ -121,10 +184,9 @@ pub struct EventFilter {
     pub limit: i64,
 }
 
-/// Filters for listing deliveries; `after_id` pages (ids ascending).
+/// Filters for listing (sink, phone) rows; `after_id` pages (ids ascending).
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryFilter {
-    pub event_id: Option<i64>,
     pub status: Option<String>,
     pub sink: Option<String>,
     pub phone: Option<String>,
@@ -132,17 +194,17 @@ pub struct DeliveryFilter {
     pub limit: i64,
 }
 
-/// What asking to retry one delivery did.
+/// What asking to retry one row did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryOutcome {
     Requeued,
     NotFound,
-    /// Done deliveries are not re-sent; a leased one is in a worker's hands.
+    /// A leased row is in a worker's hands.
     NotRetryable,
 }
 
-/// The queue of one sink, for metrics.
-#[derive(Debug, Clone, Serialize)]
+/// The queue of one sink, for metrics and `/v1/sinks`.
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct QueueStats {
     pub sink: String,
     pub pending: i64,

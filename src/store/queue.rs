@@ -1,106 +1,92 @@
-//! The delivery queue: claims under a lease, settling, re-queueing, and the
-//! statistics `/metrics` reads.
+//! The relay's work queue: one row per (sink, phone), pending while the sink
+//! may not hold the phone's current target. Claims under a lease, settling,
+//! re-queueing, and the statistics `/metrics` and `/v1/sinks` read.
 //!
-//! A claim reads a sink's due pending rows through one range of
-//! `deliveries_due_idx` (pending rows by sink and due time), so it never
-//! walks rows still waiting out a backoff, however long an outage's backlog.
-//! Rows leased to a worker stay in that range until settled and are skipped
-//! by their lease: there are at most workers × batch of them. The claim
-//! itself writes no indexed column, so PostgreSQL updates the rows in place
-//! (HOT) instead of adding an entry to every index per row claimed.
+//! One row per (sink, phone) is what makes "converge" cheap: a START, a STOP
+//! and a START during an outage leave one pending row, and the worker writes
+//! the latest target once. Order between a phone's changes needs no
+//! bookkeeping: there is nothing older to apply.
+//!
+//! A claim reads a sink's due rows through one range of `sink_phones_due_idx`
+//! and writes no indexed column (PostgreSQL updates in place).
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::QueryBuilder;
 
-use super::codec::Ts;
+use super::codec::{OptTs, Ts};
 use super::dialect::Dialect;
-use super::{decode_rows, on_pool, ClaimedDelivery, QueueStats, RetryOutcome, Settle, Store, StoreError};
-use crate::domain::{EventKind, Phone};
+use super::{decode_rows, on_pool, ClaimedPhone, Held, QueueStats, RetryOutcome, Settle, Store, StoreError};
+use crate::domain::Phone;
 
 /// The claim, with `lock` (the dialect's row-lock clause) after the pick.
 pub(super) fn claim_sql(lock: &str) -> String {
     format!(
         // The pick is a materialised CTE so it runs (and locks) exactly once.
         "WITH picked AS MATERIALIZED (
-             SELECT c.id FROM deliveries c
+             SELECT c.id FROM sink_phones c
               WHERE c.sink = $1 AND c.status = 'pending' AND c.next_attempt_at <= $5
                 AND (c.locked_until IS NULL OR c.locked_until <= $5)
-                -- Only a phone's oldest pending delivery, so changes apply in order.
-                -- A scalar subquery rather than NOT EXISTS: on a table without
-                -- statistics yet the planner turned the anti-join into a quadratic scan.
-                AND c.id = (SELECT min(o.id) FROM deliveries o
-                             WHERE o.sink = c.sink AND o.phone = c.phone AND o.status = 'pending')
-                -- Nor while another of the phone's deliveries is in a worker's hands: a
-                -- replayed older change must not land beside (or after) a newer one in flight.
-                AND NOT EXISTS (SELECT 1 FROM deliveries l
-                                 WHERE l.sink = c.sink AND l.phone = c.phone AND l.status = 'pending'
-                                   AND l.locked_until > $5)
-                AND NOT ($6 AND EXISTS (SELECT 1 FROM deliveries w
-                                         WHERE w.event_id = c.event_id AND w.sink <> c.sink
-                                           AND w.status = 'pending'))
               ORDER BY c.next_attempt_at, c.id
               LIMIT $2
               {lock})
-         UPDATE deliveries
-            SET locked_until = $4, locked_by = $3, attempts = attempts + 1, updated_at = $5
+         UPDATE sink_phones
+            SET locked_until = $4, locked_by = $3, updated_at = $5
           WHERE id IN (SELECT id FROM picked)
-          RETURNING id, event_id, phone, kind, attempts, created_at, queued_at,
-                    (SELECT e.received_at FROM events e WHERE e.id = deliveries.event_id) AS received_at,
-                    EXISTS (SELECT 1 FROM deliveries n
-                             WHERE n.sink = deliveries.sink AND n.phone = deliveries.phone
-                               AND n.status = 'done' AND n.id > deliveries.id) AS superseded"
+          RETURNING id, phone, generation, event_id, attempts, queued_at,
+                    written_opted_out, written_since, uncertain"
     )
 }
 
-/// A claimed row as stored, before its text is parsed.
+/// A claimed row as stored.
 #[derive(sqlx::FromRow)]
 struct ClaimRow {
     id: i64,
-    event_id: i64,
     phone: String,
-    kind: String,
+    generation: i64,
+    event_id: Option<i64>,
     attempts: i32,
     #[sqlx(try_from = "Ts")]
-    received_at: DateTime<Utc>,
-    #[sqlx(try_from = "Ts")]
-    created_at: DateTime<Utc>,
-    #[sqlx(try_from = "Ts")]
     queued_at: DateTime<Utc>,
-    superseded: bool,
+    written_opted_out: Option<bool>,
+    #[sqlx(try_from = "OptTs")]
+    written_since: Option<DateTime<Utc>>,
+    uncertain: bool,
 }
 
-impl ClaimRow {
-    fn parse(self) -> Result<ClaimedDelivery, StoreError> {
-        let kind = EventKind::parse(&self.kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("deliveries row {}: unknown kind {:?}", self.id, self.kind)))?;
-        Ok(ClaimedDelivery {
-            id: self.id,
-            event_id: self.event_id,
-            phone: Phone::from_stored(self.phone),
-            kind,
-            attempts: self.attempts,
-            received_at: self.received_at,
-            created_at: self.created_at,
-            queued_at: self.queued_at,
-            superseded: self.superseded,
-        })
+impl From<ClaimRow> for ClaimedPhone {
+    fn from(r: ClaimRow) -> ClaimedPhone {
+        ClaimedPhone {
+            id: r.id,
+            phone: Phone::from_stored(r.phone),
+            generation: r.generation,
+            event_id: r.event_id,
+            attempts: r.attempts,
+            queued_at: r.queued_at,
+            written: r.written_opted_out.map(|opted_out| Held { opted_out, since: r.written_since }),
+            uncertain: r.uncertain,
+        }
     }
 }
 
+/// A claimed row and how its pass ended.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub id: i64,
+    pub generation: i64,
+    pub how: Settle,
+}
+
 impl Store {
-    /// Claims up to `limit` due deliveries of `sink`: at most one per phone,
-    /// and only a phone's oldest pending one, so changes apply in order. With
-    /// `wait_for_other_sinks`, a delivery also waits until its event's
-    /// deliveries to other sinks are no longer pending (a report of them).
+    /// Claims up to `limit` due rows of `sink` (at most one per phone, by
+    /// construction) under a lease of `lease`.
     pub async fn claim(
         &self,
         sink: &str,
         owner: &str,
         limit: u32,
         lease: std::time::Duration,
-        wait_for_other_sinks: bool,
-    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+    ) -> Result<Vec<ClaimedPhone>, StoreError> {
         let now = Utc::now();
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
         let rows = on_pool!(self, pool => {
@@ -110,20 +96,27 @@ impl Store {
                 .bind(owner)
                 .bind(Ts(until))
                 .bind(Ts(now))
-                .bind(wait_for_other_sinks)
                 .fetch_all(pool)
                 .await?;
-            decode_rows!(rows, ClaimRow, "deliveries")?
+            decode_rows!(rows, ClaimRow, "sink_phones")?
         });
-        let mut out = rows.into_iter().map(ClaimRow::parse).collect::<Result<Vec<_>, _>>()?;
+        let mut out: Vec<ClaimedPhone> = rows.into_iter().map(ClaimedPhone::from).collect();
         out.sort_by_key(|d| d.id);
         Ok(out)
     }
 
-    /// Ends a batch of attempts in one transaction (one commit for a whole
-    /// batch); returns how many were still held by `owner` (the others were
-    /// re-claimed after a lost lease).
-    pub async fn settle_many(&self, owner: &str, settles: &[(i64, Settle)]) -> Result<u64, StoreError> {
+    /// Ends a batch of passes in one transaction; returns how many rows were
+    /// still held by `owner`. A write (certain or not) whose lease was lost
+    /// meanwhile may have landed after another worker's newer one: the row is
+    /// made pending for a re-read at `recheck` (soon, late) whoever holds it.
+    /// `dead_before`: a failed row queued before this is dead-lettered.
+    pub async fn settle_many(
+        &self,
+        owner: &str,
+        settles: &[Settled],
+        dead_before: DateTime<Utc>,
+        recheck: (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<u64, StoreError> {
         if settles.is_empty() {
             return Ok(0);
         }
@@ -131,47 +124,119 @@ impl Store {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let mut held = 0;
-            for (id, how) in settles {
-                let q = match how {
-                    Settle::Done(result) => sqlx::query(
-                        "UPDATE deliveries SET status = 'done', result = $3, completed_at = $4, updated_at = $4,
-                                locked_until = NULL, locked_by = NULL, last_error = NULL
+            for s in settles {
+                let q = match &s.how {
+                    // Done only if no event bumped the generation meanwhile and no late
+                    // re-read is owed (then it becomes due at that time instead).
+                    Settle::Written { held, result } => sqlx::query(
+                        "UPDATE sink_phones
+                            SET written_opted_out = $4, written_since = $5, written_at = $6,
+                                uncertain = (recheck_at IS NOT NULL), result = COALESCE($7, result), last_error = NULL, attempts = 0, updated_at = $6,
+                                locked_until = NULL, locked_by = NULL,
+                                status = CASE WHEN generation = $3 AND recheck_at IS NULL THEN 'done' ELSE 'pending' END,
+                                next_attempt_at = CASE WHEN generation <> $3 THEN $6
+                                                       WHEN recheck_at IS NOT NULL THEN recheck_at
+                                                       ELSE next_attempt_at END,
+                                recheck_at = CASE WHEN generation = $3 THEN NULL ELSE recheck_at END
                           WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
                     )
-                    .bind(*id)
+                    .bind(s.id)
                     .bind(owner)
-                    .bind(Json(result))
-                    .bind(now),
-                    Settle::Retry { at, error } => sqlx::query(
-                        "UPDATE deliveries SET next_attempt_at = $3, last_error = $4, updated_at = $5,
-                                locked_until = NULL, locked_by = NULL
+                    .bind(s.generation)
+                    .bind(held.opted_out)
+                    .bind(held.since.map(Ts))
+                    .bind(now)
+                    .bind(result.as_ref().map(Json)),
+                    Settle::Uncertain { held, error, soon, late } => sqlx::query(
+                        "UPDATE sink_phones
+                            SET written_opted_out = $3, written_since = $4, written_at = $5, uncertain = TRUE,
+                                last_error = $6, attempts = attempts + 1, updated_at = $5,
+                                locked_until = NULL, locked_by = NULL,
+                                next_attempt_at = $7, recheck_at = $8
                           WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
                     )
-                    .bind(*id)
+                    .bind(s.id)
                     .bind(owner)
-                    .bind(Ts(*at))
+                    .bind(held.opted_out)
+                    .bind(held.since.map(Ts))
+                    .bind(now)
                     .bind(error.as_str())
-                    .bind(now),
-                    Settle::Dead(error) => sqlx::query(
-                        "UPDATE deliveries SET status = 'dead', last_error = $3, completed_at = $4, updated_at = $4,
-                                locked_until = NULL, locked_by = NULL
+                    .bind(Ts(*soon))
+                    .bind(Ts(*late)),
+                    // Attempts count from 1 here: max_age kills a row only after
+                    // a real try (one that waited out an outage still gets one).
+                    Settle::Failed { error } => sqlx::query(
+                        "UPDATE sink_phones
+                            SET last_error = $3, attempts = attempts + 1, updated_at = $4,
+                                locked_until = NULL, locked_by = NULL,
+                                status = CASE WHEN queued_at <= $5 AND attempts >= 1 THEN 'dead' ELSE 'pending' END
                           WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
                     )
-                    .bind(*id)
+                    .bind(s.id)
                     .bind(owner)
                     .bind(error.as_str())
+                    .bind(now)
+                    .bind(Ts(dead_before)),
+                    Settle::Wait { until } => sqlx::query(
+                        "UPDATE sink_phones
+                            SET next_attempt_at = $3, updated_at = $4, locked_until = NULL, locked_by = NULL
+                          WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
+                    )
+                    .bind(s.id)
+                    .bind(owner)
+                    .bind(Ts(*until))
                     .bind(now),
                 };
-                held += q.execute(&mut *tx).await?.rows_affected();
+                let n = q.execute(&mut *tx).await?.rows_affected();
+                held += n;
+                if n == 0 && matches!(s.how, Settle::Written { .. } | Settle::Uncertain { .. }) {
+                    sqlx::query(RECHECK).bind(s.id).bind(Ts(recheck.0)).bind(Ts(recheck.1)).bind(now)
+                        .execute(&mut *tx).await?;
+                }
             }
             tx.commit().await?;
             Ok(held)
         })
     }
 
-    /// Puts dead deliveries back in the queue, due now, with a fresh attempt
-    /// count and a fresh `max_age` clock (else an old delivery replayed after
-    /// a fix would be dead again at its first failure). Returns how many.
+    /// Owes `ids` a re-read at `soon` and again at `late`, whoever holds them
+    /// (see [`Store::settle_many`]).
+    pub async fn recheck(&self, ids: &[i64], soon: DateTime<Utc>, late: DateTime<Utc>) -> Result<(), StoreError> {
+        let now = Ts(Utc::now());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            for id in ids {
+                sqlx::query(RECHECK).bind(*id).bind(Ts(soon)).bind(Ts(late)).bind(now).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Dead-letters `sink`'s unleased pending rows queued before
+    /// `dead_before` that have been tried at least once. Returns how many.
+    pub async fn expire(&self, sink: &str, dead_before: DateTime<Utc>, error: &str) -> Result<u64, StoreError> {
+        let now = Ts(Utc::now());
+        on_pool!(self, pool => {
+            let done = sqlx::query(
+                "UPDATE sink_phones SET status = 'dead', updated_at = $3,
+                        last_error = COALESCE(last_error, $4)
+                  WHERE sink = $1 AND status = 'pending' AND queued_at <= $2 AND attempts >= 1
+                    AND locked_until IS NULL",
+            )
+            .bind(sink)
+            .bind(Ts(dead_before))
+            .bind(now)
+            .bind(error)
+            .execute(pool)
+            .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    /// Puts dead rows back in the queue, due now, with a fresh `max_age`
+    /// clock (else a row replayed after a fix would be dead again at its
+    /// first failure). Returns how many.
     pub async fn replay_dead(&self, sink: Option<&str>) -> Result<u64, StoreError> {
         let now = Ts(Utc::now());
         on_pool!(self, pool => {
@@ -185,29 +250,27 @@ impl Store {
         })
     }
 
-    /// Re-queues one dead (or waiting, unleased) delivery, due now, as
-    /// [`Store::replay_dead`] does.
+    /// Re-queues one row (dead, done or waiting, but not leased), due now: a
+    /// done row is checked once more against the sink.
     pub async fn retry_delivery(&self, id: i64) -> Result<RetryOutcome, StoreError> {
         let now = Ts(Utc::now());
         on_pool!(self, pool => {
             let mut q = QueryBuilder::new(REQUEUE);
             q.push_bind(now).push(", queued_at = ").push_bind(now).push(", updated_at = ").push_bind(now);
             q.push(" WHERE id = ").push_bind(id);
-            q.push(" AND (status = 'dead' OR (status = 'pending' AND (locked_until IS NULL OR locked_until < ")
-                .push_bind(now)
-                .push(")))");
+            q.push(" AND (locked_until IS NULL OR locked_until < ").push_bind(now).push(")");
             if q.build().execute(pool).await?.rows_affected() == 1 {
                 return Ok(RetryOutcome::Requeued);
             }
             let exists: Option<i64> =
-                sqlx::query_scalar("SELECT id FROM deliveries WHERE id = $1").bind(id).fetch_optional(pool).await?;
+                sqlx::query_scalar("SELECT id FROM sink_phones WHERE id = $1").bind(id).fetch_optional(pool).await?;
             Ok(if exists.is_some() { RetryOutcome::NotRetryable } else { RetryOutcome::NotFound })
         })
     }
 
-    /// Per sink: pending deliveries, creation time of the oldest pending one,
-    /// dead ones. Reads only unfinished rows (`deliveries_due_idx`,
-    /// `deliveries_dead_idx`), so its cost follows the backlog, not the history.
+    /// Per sink: pending rows, when the oldest became pending, dead rows.
+    /// Reads only unfinished rows (`sink_phones_due_idx`,
+    /// `sink_phones_dead_idx`), so its cost follows the backlog, not the history.
     pub async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
         #[derive(sqlx::FromRow)]
         struct Row {
@@ -221,21 +284,21 @@ impl Store {
             // Each half spelled with its partial index's predicate (`status = '…'`
             // as a literal), so both backends see the index applies.
             let rows = sqlx::query(
-                "SELECT sink, 'pending' AS status, COUNT(*) AS n, MIN(created_at) AS oldest
-                   FROM deliveries WHERE status = 'pending' GROUP BY sink
+                "SELECT sink, 'pending' AS status, COUNT(*) AS n, MIN(queued_at) AS oldest
+                   FROM sink_phones WHERE status = 'pending' GROUP BY sink
                  UNION ALL
-                 SELECT sink, 'dead' AS status, COUNT(*) AS n, MIN(created_at) AS oldest
-                   FROM deliveries WHERE status = 'dead' GROUP BY sink
+                 SELECT sink, 'dead' AS status, COUNT(*) AS n, MIN(queued_at) AS oldest
+                   FROM sink_phones WHERE status = 'dead' GROUP BY sink
                  ORDER BY sink",
             )
             .fetch_all(pool)
             .await?;
-            decode_rows!(rows, Row, "deliveries")?
+            decode_rows!(rows, Row, "sink_phones")?
         });
         let mut out: Vec<QueueStats> = Vec::new();
         for r in rows {
             if out.last().is_none_or(|s| s.sink != r.sink) {
-                out.push(QueueStats { sink: r.sink.clone(), pending: 0, oldest_pending: None, dead: 0 });
+                out.push(QueueStats { sink: r.sink.clone(), ..QueueStats::default() });
             }
             let Some(s) = out.last_mut() else { continue };
             match r.status.as_str() {
@@ -250,8 +313,17 @@ impl Store {
     }
 }
 
+/// A re-read owed after a write that may have landed late: pending, due at
+/// `$2` (or earlier if already due), and again at `$3`. A row that was not
+/// pending starts a fresh `max_age` clock.
+const RECHECK: &str = "UPDATE sink_phones
+    SET next_attempt_at = CASE WHEN status = 'pending' AND next_attempt_at < $2 THEN next_attempt_at ELSE $2 END,
+        queued_at = CASE WHEN status = 'pending' THEN queued_at ELSE $4 END,
+        status = 'pending', recheck_at = $3, uncertain = TRUE, updated_at = $4
+  WHERE id = $1";
+
 /// The start of a re-queue: fields reset, then the times and `WHERE …`.
-const REQUEUE: &str = "UPDATE deliveries SET status = 'pending', attempts = 0, completed_at = NULL, result = NULL, \
+const REQUEUE: &str = "UPDATE sink_phones SET status = 'pending', attempts = 0, \
                        locked_until = NULL, locked_by = NULL, next_attempt_at = ";
 
 fn claim_sql_of<P: Dialect>(_: &P) -> &'static str {

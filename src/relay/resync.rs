@@ -1,0 +1,95 @@
+//! Periodic resync of a REDCap sink: every opted-out phone it follows is
+//! checked against the whole project and stamped where the field is blank
+//! or differs. It catches what no event announces: a participant enrolled
+//! (or a number typed in) after the STOP, a write lost or undone by hand. It
+//! never clears a field: a stamp typed by staff stays.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::target::target;
+use super::Relay;
+use crate::domain::Phone;
+use crate::sinks::redcap::ResyncReport;
+use crate::sinks::{Sink, SinkError, SinkKind, Target};
+use crate::store::{StateRow, Store, StoreError};
+
+/// How often a resync task looks whether its sink is due (the interval
+/// itself is kept in the store, shared by replicas and restarts).
+const LOOK_EVERY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncError {
+    #[error("sink {0} is not a configured REDCap sink")]
+    NotRedcap(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+/// Every opted-out phone `sink` follows, with when its opt-out began.
+pub async fn opted_out(store: &Store, sink: &Sink) -> Result<Vec<(Phone, DateTime<Utc>)>, StoreError> {
+    let mut by_phone: BTreeMap<String, Vec<StateRow>> = BTreeMap::new();
+    for s in store.states_of_opted_out().await? {
+        by_phone.entry(s.phone.clone()).or_default().push(s);
+    }
+    Ok(by_phone
+        .into_iter()
+        .filter_map(|(phone, states)| match target(&states, sink.scopes.as_deref()) {
+            Target::OptedOut { since } => Some((Phone::from_stored(phone), since)),
+            Target::OptedIn => None,
+        })
+        .collect())
+}
+
+/// Runs one resync of `sink` now (the periodic task and `optout-relay resync`).
+pub async fn run(store: &Store, sink: &Sink) -> Result<ResyncReport, ResyncError> {
+    let SinkKind::Redcap { sink: redcap, .. } = &sink.kind else {
+        return Err(ResyncError::NotRedcap(sink.name.clone()));
+    };
+    let phones = opted_out(store, sink).await?;
+    let report = redcap.resync(&phones).await?;
+    tracing::info!(
+        sink = %sink.name,
+        phones = report.phones,
+        records_matched = report.records_matched,
+        records_stamped = report.records_stamped,
+        "resync done"
+    );
+    Ok(report)
+}
+
+/// The periodic task: one resync per `resync_interval` across replicas,
+/// skipped while the sink is failing (its workers' probes find out when it
+/// works again; the next round catches up).
+pub async fn every(relay: Arc<Relay>, sink: Arc<Sink>, shutdown: CancellationToken) {
+    let SinkKind::Redcap { resync_interval, .. } = &sink.kind else { return };
+    let interval = *resync_interval;
+    loop {
+        match due(&relay.store, &sink.name, interval).await {
+            Ok(true) => {
+                if let Err(e) = run(&relay.store, &sink).await {
+                    tracing::warn!(sink = %sink.name, error = %e, "resync failed; the next round will try again");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(sink = %sink.name, error = %e, "cannot read the resync schedule"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(LOOK_EVERY.min(interval)) => {},
+        }
+    }
+}
+
+async fn due(store: &Store, name: &str, interval: Duration) -> Result<bool, StoreError> {
+    if store.sink(name).await?.is_some_and(|h| h.health != "ok") {
+        return Ok(false);
+    }
+    store.take_resync(name, interval).await
+}
