@@ -8,6 +8,7 @@ mod common;
 mod admin;
 mod binary;
 mod config;
+mod converge;
 mod email_sink;
 mod ingest;
 mod redcap_sink;

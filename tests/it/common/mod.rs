@@ -301,16 +301,20 @@ pub fn redcap_config(url: &str) -> optout_relay::config::RedcapConfig {
         timestamp_format: optout_relay::config::TimestampFormat::Auto,
         request_timeout: Duration::from_secs(5),
         max_calls_per_minute: 600,
+        scopes: None,
+        resync_interval: Duration::ZERO,
     }
 }
 
-/// Ends one claimed delivery's attempt as a worker would; false when `owner`
-/// no longer holds its lease.
+/// Ends one claimed row's pass as a worker would; false when `owner` no
+/// longer holds its lease.
 pub async fn settle_one(
     store: &optout_relay::store::Store,
-    id: i64,
+    claimed: &optout_relay::store::ClaimedPhone,
     owner: &str,
     how: &optout_relay::store::Settle,
 ) -> bool {
-    store.settle_many(owner, &[(id, how.clone())]).await.expect("settle") == 1
+    let now = chrono::Utc::now();
+    let settled = optout_relay::store::Settled { id: claimed.id, generation: claimed.generation, how: how.clone() };
+    store.settle_many(owner, &[settled], now - chrono::Duration::days(3), (now, now)).await.expect("settle") == 1
 }
