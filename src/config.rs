@@ -5,6 +5,12 @@
 //! that way). Secrets are `SecretString`, so a `Debug` print of the whole
 //! config cannot leak them. [`Config::problems`] checks the whole struct and
 //! returns every problem, not just the first, for `check-config`.
+//!
+//! Sinks are named: `[sinks.NAME]` with `type = "redcap" | "email"`, and the
+//! older `[redcap]` / `[email]` tables are shorthand for sinks named `redcap`
+//! / `email`. [`Config::sinks`] is the one resolved list everything else
+//! reads. This module knows nothing of `crate::sinks` (the sinks import their
+//! configuration from here, never the reverse).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,8 +34,11 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub twilio: TwilioConfig,
     pub keywords: KeywordsConfig,
+    /// Shorthand for `[sinks.redcap]` with `type = "redcap"`.
     pub redcap: Option<RedcapConfig>,
+    /// Shorthand for `[sinks.email]` with `type = "email"`.
     pub email: Option<EmailConfig>,
+    /// Named sinks, `[sinks.NAME]`. Several REDCap projects are several sinks.
     pub sinks: BTreeMap<String, SinkConfig>,
     pub relay: RelayConfig,
     pub log: LogConfig,
@@ -56,7 +65,37 @@ pub enum EmailTls {
     Tls,
 }
 
-/// The notification email (the REDCap module's "Notification Email").
+/// One sink's configuration: `[sinks.NAME]` with `type = "redcap"` or
+/// `type = "email"` and that type's keys. An unknown key is an error naming
+/// it: the inner structs deny unknown fields, and serde hands them the table
+/// without the `type` tag.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    Redcap(RedcapConfig),
+    Email(EmailConfig),
+}
+
+impl SinkConfig {
+    /// The scopes this sink follows; `None`: every scope.
+    pub fn scopes(&self) -> Option<&[String]> {
+        match self {
+            SinkConfig::Redcap(c) => c.scopes.as_deref(),
+            SinkConfig::Email(c) => c.scopes.as_deref(),
+        }
+    }
+
+    /// The `type` as written in the configuration, for logs and the admin API.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Redcap(_) => "redcap",
+            SinkConfig::Email(_) => "email",
+        }
+    }
+}
+
+/// The notification email (the REDCap module's "Notification Email"), and
+/// the alerts about failing sinks.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
@@ -84,14 +123,25 @@ pub struct EmailConfig {
     /// certificate comes from the organisation's private CA.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    #[serde(default)]
+    /// Only changes in these scopes are notified (MessagingServiceSids
+    /// `MG…` or To numbers `+1…`); unset: every scope.
+    #[serde(default, deserialize_with = "scope_list")]
     pub scopes: Option<Vec<String>>,
+    /// An alert is mailed once a sink has been failing longer than this, so
+    /// an outage is heard of while there is time to act, not when opt-outs
+    /// are dead-lettered days later.
     #[serde(default = "default_alert_after", with = "humantime_serde")]
     pub alert_after: Duration,
+    /// How long a notification waits for the other sinks' outcome (which
+    /// records REDCap updated) before it is sent with those still pending:
+    /// a sink in backoff must not hold the news back indefinitely.
     #[serde(default = "default_report_wait", with = "humantime_serde")]
     pub report_wait: Duration,
 }
 
+fn default_smtp_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_alert_after() -> Duration {
     Duration::from_secs(15 * 60)
 }
@@ -99,23 +149,44 @@ fn default_report_wait() -> Duration {
     Duration::from_secs(10 * 60)
 }
 
-fn default_smtp_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-
 impl EmailConfig {
+    /// The required keys; every other key takes its default.
+    pub fn new(smtp_host: impl Into<String>, from: impl Into<String>, to: Vec<String>) -> Self {
+        Self {
+            smtp_host: smtp_host.into(),
+            smtp_port: None,
+            tls: EmailTls::default(),
+            username: None,
+            password: None,
+            from: from.into(),
+            to,
+            timezone: default_timezone(),
+            timeout: default_smtp_timeout(),
+            ca_file: None,
+            scopes: None,
+            alert_after: default_alert_after(),
+            report_wait: default_report_wait(),
+        }
+    }
+
     /// The PEM text of `ca_file` (None when unset), checked to hold at least
     /// one certificate; the error names the setting and the file.
     pub fn extra_roots(&self) -> Result<Option<Vec<u8>>, String> {
+        self.extra_roots_at("email")
+    }
+
+    /// As [`Self::extra_roots`], the error naming the key under `section`
+    /// (`email` or `sinks.NAME`).
+    fn extra_roots_at(&self, section: &str) -> Result<Option<Vec<u8>>, String> {
         let Some(path) = &self.ca_file else { return Ok(None) };
         use rustls::pki_types::pem::PemObject as _;
-        let pem = std::fs::read(path).map_err(|e| format!("email.ca_file {}: {e}", path.display()))?;
+        let pem = std::fs::read(path).map_err(|e| format!("{section}.ca_file {}: {e}", path.display()))?;
         // Parsed the way the TLS client will parse it, so what passes here loads there.
         let certificates = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("email.ca_file {}: {e}", path.display()))?;
+            .map_err(|e| format!("{section}.ca_file {}: {e}", path.display()))?;
         if certificates.is_empty() {
-            return Err(format!("email.ca_file {} holds no PEM certificate", path.display()));
+            return Err(format!("{section}.ca_file {} holds no PEM certificate", path.display()));
         }
         Ok(Some(pem))
     }
@@ -261,37 +332,17 @@ pub struct RedcapConfig {
     /// REDCap bans an IP for good past its per-IP limit (600/min by default).
     #[serde(default = "default_calls_per_minute")]
     pub max_calls_per_minute: u32,
-    #[serde(default)]
+    /// This sink follows only events of these scopes (MessagingServiceSids
+    /// `MG…` or To numbers `+1…`): one project per study line. Unset: every
+    /// scope. Organisation-wide events (recorded by staff) count in all.
+    #[serde(default, deserialize_with = "scope_list")]
     pub scopes: Option<Vec<String>>,
+    /// How often the whole project is exported and every record whose phone
+    /// is opted out but whose field is blank or differs is stamped: records
+    /// enrolled after the STOP, and writes lost in flight, are repaired this
+    /// way. "0s" turns it off.
     #[serde(default = "default_resync_interval", with = "humantime_serde")]
     pub resync_interval: Duration,
-}
-
-fn default_resync_interval() -> Duration {
-    Duration::from_secs(3600)
-}
-
-/// TEMP (replaced by the config branch).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum SinkConfig {
-    Redcap(RedcapConfig),
-    Email(EmailConfig),
-}
-
-impl SinkConfig {
-    pub fn scopes(&self) -> Option<&[String]> {
-        match self {
-            SinkConfig::Redcap(c) => c.scopes.as_deref(),
-            SinkConfig::Email(c) => c.scopes.as_deref(),
-        }
-    }
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SinkConfig::Redcap(_) => "redcap",
-            SinkConfig::Email(_) => "email",
-        }
-    }
 }
 
 fn default_timezone() -> String {
@@ -303,30 +354,89 @@ fn default_redcap_timeout() -> Duration {
 fn default_calls_per_minute() -> u32 {
     300
 }
+fn default_resync_interval() -> Duration {
+    Duration::from_secs(3600)
+}
 
+impl RedcapConfig {
+    /// The required keys; every other key takes its default.
+    pub fn new(
+        url: impl Into<String>,
+        token: SecretString,
+        phone_field: impl Into<String>,
+        optout_field: impl Into<String>,
+    ) -> Self {
+        Self {
+            url: url.into(),
+            token,
+            phone_field: phone_field.into(),
+            phone_event: None,
+            optout_field: optout_field.into(),
+            optout_event: None,
+            timezone: default_timezone(),
+            timestamp_format: TimestampFormat::default(),
+            request_timeout: default_redcap_timeout(),
+            max_calls_per_minute: default_calls_per_minute(),
+            scopes: None,
+            resync_interval: default_resync_interval(),
+        }
+    }
+
+    /// The longest a batch may take against this project: at most three
+    /// calls, each up to `request_timeout` and each after a wait for the rate
+    /// limiter. A lease must outlast it, or another worker could take the
+    /// batch over while this one is still writing. `None` when
+    /// `max_calls_per_minute` is 0 (a problem of its own).
+    pub fn batch_worst_case(&self) -> Option<Duration> {
+        let limiter_wait = Duration::from_secs(60).checked_div(self.max_calls_per_minute)?;
+        Some(self.request_timeout.saturating_mul(3).saturating_add(limiter_wait.saturating_mul(3)))
+    }
+}
+
+/// How the relay converges sinks. Backoff is per sink, not per delivery: a
+/// failing sink gets one probe per step, and when a probe succeeds
+/// everything waiting for it is sent at once in full batches.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
+    /// Workers per sink; several replicas on one PostgreSQL cooperate safely.
     pub workers: usize,
-    /// Deliveries one worker claims and sends to a sink in one go.
+    /// Deliveries one worker claims and sends to a sink in one go: one
+    /// export and one import for REDCap, however many phones.
     pub batch_size: u32,
+    /// How often an idle worker looks for due deliveries; new webhooks wake
+    /// it at once, so this only bounds the wait for timers (backoff, rechecks).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// A claimed delivery whose worker vanished becomes due again after this.
+    /// A claimed delivery whose worker vanished becomes due again after
+    /// this. It must outlast a batch's worst case (see `problems`), or a
+    /// slow worker's write could land after its successor's.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// First step of a failing sink's backoff (timeouts, connection errors,
+    /// 5xx, 429); each step doubles, with jitter.
     #[serde(with = "humantime_serde")]
     pub retry_base: Duration,
+    /// Longest backoff step. Kept low, so that the first probe after an
+    /// outage comes soon and recovery does not take as long as the outage.
     #[serde(with = "humantime_serde")]
     pub retry_cap: Duration,
-    /// Delay after an answer that means misconfiguration (bad token, unknown field).
+    /// Delay after an answer that means misconfiguration (bad token, unknown
+    /// field): retrying sooner would not help and only adds calls. A restart
+    /// that passes check-config, or a manual retry, releases it at once.
     #[serde(with = "humantime_serde")]
     pub misconfigured_retry: Duration,
-    pub max_attempts: u32,
+    /// A change still not applied after this is dead-lettered (probes do not
+    /// use up attempts, so age is the only limit). Well inside the FCC's 10
+    /// business days, so an operator has time to act.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// After a write whose outcome is unknown (timeout, connection cut), the
+    /// records are re-read and re-written where they differ this soon...
     #[serde(with = "humantime_serde")]
     pub recheck_soon: Duration,
+    /// ...and again after this, because REDCap may still be finishing a
+    /// request its client gave up on (PHP runs on after the timeout).
     #[serde(with = "humantime_serde")]
     pub recheck_late: Duration,
 }
@@ -338,14 +448,12 @@ impl Default for RelayConfig {
             batch_size: 500,
             poll_interval: Duration::from_millis(500),
             lease: Duration::from_secs(120),
-            retry_base: Duration::from_secs(5),
-            retry_cap: Duration::from_secs(30 * 60),
+            retry_base: Duration::from_secs(1),
+            retry_cap: Duration::from_secs(15),
             misconfigured_retry: Duration::from_secs(15 * 60),
-            max_attempts: 100,
-            // Well inside the FCC's 10 business days, so an operator has time to act.
             max_age: Duration::from_secs(3 * 24 * 3600),
             recheck_soon: Duration::from_secs(15),
-            recheck_late: Duration::from_secs(600),
+            recheck_late: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -414,6 +522,46 @@ fn secret_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::
     Ok(items.into_iter().filter(|s| !s.is_empty()).map(SecretString::from).collect())
 }
 
+/// An optional list of scopes: one string or a list. A number is refused
+/// rather than turned into text: an environment value such as `+14155550100`
+/// is read as a number, and its `+` would be lost.
+fn scope_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Scalar),
+        Many(Vec<Scalar>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    let number = |n: String| {
+        serde::de::Error::custom(format!(
+            "scope {n} is a number, not text; quote it with its +, e.g. scopes = [\"+{n}\"] \
+             (in the environment: '[\"+{n}\"]')"
+        ))
+    };
+    items
+        .into_iter()
+        .map(|s| match s {
+            Scalar::S(s) => Ok(s),
+            Scalar::I(i) => Err(number(i.to_string())),
+            Scalar::U(u) => Err(number(u.to_string())),
+            Scalar::F(f) => Err(number(f.to_string())),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct LoadError(String);
@@ -438,10 +586,53 @@ impl Config {
         figment = figment
             .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
             .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::extract(figment)
+    }
+
+    /// The configuration the layers of `figment` hold, every error listed.
+    fn extract(figment: Figment) -> Result<Config, LoadError> {
         figment.extract::<Config>().map_err(|e| {
             let all: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
             LoadError(all.join("\n"))
         })
+    }
+
+    /// Every sink, named, sorted by name: the `[sinks.NAME]` tables and the
+    /// `[redcap]` / `[email]` shorthand. A name defined both ways is a
+    /// problem (see [`Config::problems`]); until fixed, the `[sinks]` table wins.
+    pub fn sinks(&self) -> Vec<(String, SinkConfig)> {
+        let mut all = self.sinks.clone();
+        if let Some(r) = &self.redcap {
+            all.entry(REDCAP_SHORTHAND.to_owned()).or_insert_with(|| SinkConfig::Redcap(r.clone()));
+        }
+        if let Some(e) = &self.email {
+            all.entry(EMAIL_SHORTHAND.to_owned()).or_insert_with(|| SinkConfig::Email(e.clone()));
+        }
+        all.into_iter().collect()
+    }
+
+    /// Every sink as written, shorthand and named alike (duplicates kept),
+    /// with the key path its problems are reported under.
+    fn declared_sinks(&self) -> Vec<Declared<'_>> {
+        let mut out = Vec::new();
+        if let Some(r) = &self.redcap {
+            out.push(Declared {
+                name: REDCAP_SHORTHAND,
+                path: REDCAP_SHORTHAND.to_owned(),
+                config: SinkRef::Redcap(r),
+            });
+        }
+        if let Some(e) = &self.email {
+            out.push(Declared { name: EMAIL_SHORTHAND, path: EMAIL_SHORTHAND.to_owned(), config: SinkRef::Email(e) });
+        }
+        for (name, sink) in &self.sinks {
+            let config = match sink {
+                SinkConfig::Redcap(r) => SinkRef::Redcap(r),
+                SinkConfig::Email(e) => SinkRef::Email(e),
+            };
+            out.push(Declared { name, path: format!("sinks.{name}"), config });
+        }
+        out
     }
 
     /// Every semantic problem in the configuration (empty when it is usable).
@@ -473,54 +664,7 @@ impl Config {
                 out.push(format!("keywords.{name} must list at least one keyword"));
             }
         }
-        if let Some(r) = &self.redcap {
-            if !(r.url.starts_with("https://") || r.url.starts_with("http://")) {
-                out.push(format!("redcap.url {:?} must start with https:// or http://", r.url));
-            }
-            if r.token.expose_secret().is_empty() {
-                out.push("redcap.token is empty (set OPTOUT_RELAY__REDCAP__TOKEN)".to_owned());
-            }
-            for (name, v) in [("phone_field", &r.phone_field), ("optout_field", &r.optout_field)] {
-                if v.trim().is_empty() {
-                    out.push(format!("redcap.{name} is empty"));
-                }
-            }
-            if r.timezone.parse::<chrono_tz::Tz>().is_err() {
-                out.push(format!("redcap.timezone {:?} is not an IANA zone name", r.timezone));
-            }
-            if r.max_calls_per_minute == 0 || r.max_calls_per_minute > 600 {
-                out.push("redcap.max_calls_per_minute must be between 1 and 600 (REDCap bans past its limit)".into());
-            }
-        }
-        if let Some(e) = &self.email {
-            if e.smtp_host.trim().is_empty() {
-                out.push("email.smtp_host is empty".to_owned());
-            }
-            if e.from.parse::<lettre::message::Mailbox>().is_err() {
-                out.push(format!("email.from {:?} is not an address", e.from));
-            }
-            if e.to.is_empty() {
-                out.push("email.to must list at least one address".to_owned());
-            }
-            for to in e.to.iter().filter(|t| t.parse::<lettre::message::Mailbox>().is_err()) {
-                out.push(format!("email.to {to:?} is not an address"));
-            }
-            if e.timeout.is_zero() {
-                out.push("email.timeout must be above 0".to_owned());
-            }
-            if e.timezone.parse::<chrono_tz::Tz>().is_err() {
-                out.push(format!("email.timezone {:?} is not an IANA zone name", e.timezone));
-            }
-            if e.username.is_some() != e.password.is_some() {
-                out.push("email.username and email.password go together".to_owned());
-            }
-            if e.ca_file.is_some() && e.tls == EmailTls::None {
-                out.push("email.ca_file is set but email.tls is \"none\": no certificate would be checked".to_owned());
-            }
-            if let Err(problem) = e.extra_roots() {
-                out.push(problem);
-            }
-        }
+        self.sink_problems(&mut out);
         let relay = &self.relay;
         if relay.workers == 0 {
             out.push("relay.workers must be at least 1".to_owned());
@@ -534,22 +678,427 @@ impl Config {
         if relay.lease < Duration::from_secs(5) {
             out.push("relay.lease must be at least 5s".to_owned());
         }
-        if relay.max_attempts == 0 {
-            out.push("relay.max_attempts must be at least 1".to_owned());
+        if relay.recheck_soon.is_zero() || relay.recheck_late <= relay.recheck_soon {
+            out.push("relay.recheck_soon must be above 0 and relay.recheck_late above it".to_owned());
+        }
+        if relay.max_age.is_zero() {
+            out.push("relay.max_age must be above 0".to_owned());
         }
         out
     }
 
-    /// TEMP: the resolved sinks, shorthand included, by name.
-    pub fn sinks(&self) -> Vec<(String, SinkConfig)> {
-        let mut out: Vec<(String, SinkConfig)> = self.sinks.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        if let Some(r) = &self.redcap {
-            out.push(("redcap".to_owned(), SinkConfig::Redcap(r.clone())));
+    /// The sinks' names, their number by type, and each sink's own keys.
+    fn sink_problems(&self, out: &mut Vec<String>) {
+        for name in self.sinks.keys() {
+            if !valid_sink_name(name) {
+                out.push(format!(
+                    "sink name {name:?} must match ^[a-z0-9_-]+$ (lowercase letters, digits, _ and -): \
+                     it is used in metrics labels, URLs and environment variable names"
+                ));
+            }
         }
-        if let Some(e) = &self.email {
-            out.push(("email".to_owned(), SinkConfig::Email(e.clone())));
+        for (shorthand, defined) in [(REDCAP_SHORTHAND, self.redcap.is_some()), (EMAIL_SHORTHAND, self.email.is_some())]
+        {
+            if defined && self.sinks.contains_key(shorthand) {
+                out.push(format!(
+                    "sink {shorthand:?} is defined twice, as [{shorthand}] and as [sinks.{shorthand}]: keep one"
+                ));
+            }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        let declared = self.declared_sinks();
+        let emails: Vec<&str> =
+            declared.iter().filter(|d| matches!(d.config, SinkRef::Email(_))).map(|d| d.path.as_str()).collect();
+        if emails.len() > 1 {
+            out.push(format!(
+                "only one email sink is allowed (alerts about failing sinks go to it); found {}",
+                emails.join(", ")
+            ));
+        }
+        for d in &declared {
+            let scopes = match d.config {
+                SinkRef::Redcap(r) => {
+                    redcap_problems(&d.path, r, out);
+                    self.lease_problem(d.name, &d.path, r, out);
+                    &r.scopes
+                }
+                SinkRef::Email(e) => {
+                    email_problems(&d.path, e, out);
+                    &e.scopes
+                }
+            };
+            scope_problems(&d.path, scopes.as_deref(), out);
+        }
+    }
+
+    /// A lease shorter than a batch's worst case lets a second worker take
+    /// the batch over while the first is still writing (issue #8: a frozen
+    /// worker's older write landing after the newer one).
+    fn lease_problem(&self, name: &str, path: &str, r: &RedcapConfig, out: &mut Vec<String>) {
+        let Some(worst) = r.batch_worst_case() else { return };
+        let lease = self.relay.lease;
+        if lease <= worst {
+            out.push(format!(
+                "relay.lease {} is not longer than the worst case of a batch for sink {name:?}, {} \
+                 (3 × {path}.request_timeout {} + 3 × 60s / {path}.max_calls_per_minute {}): \
+                 raise relay.lease or lower request_timeout",
+                humantime::format_duration(lease),
+                humantime::format_duration(worst),
+                humantime::format_duration(r.request_timeout),
+                r.max_calls_per_minute,
+            ));
+        }
+    }
+}
+
+/// Names of the sinks the shorthand tables define.
+const REDCAP_SHORTHAND: &str = "redcap";
+const EMAIL_SHORTHAND: &str = "email";
+
+/// A sink as written in the configuration, for `problems`.
+struct Declared<'a> {
+    name: &'a str,
+    /// Where its keys live: `redcap`, `email` or `sinks.NAME`.
+    path: String,
+    config: SinkRef<'a>,
+}
+
+enum SinkRef<'a> {
+    Redcap(&'a RedcapConfig),
+    Email(&'a EmailConfig),
+}
+
+/// `^[a-z0-9_-]+$`: safe in metrics labels, URL paths and (bar `-`)
+/// environment variable names, which figment lowercases anyway.
+fn valid_sink_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// The environment variable that sets `key` under `path` (`sinks.study_a`).
+fn env_var(path: &str, key: &str) -> String {
+    format!("{ENV_PREFIX}{}__{}", path.replace('.', "__"), key).to_ascii_uppercase()
+}
+
+fn redcap_problems(path: &str, r: &RedcapConfig, out: &mut Vec<String>) {
+    if !(r.url.starts_with("https://") || r.url.starts_with("http://")) {
+        out.push(format!("{path}.url {:?} must start with https:// or http://", r.url));
+    }
+    if r.token.expose_secret().is_empty() {
+        out.push(format!("{path}.token is empty (set {})", env_var(path, "token")));
+    }
+    for (name, v) in [("phone_field", &r.phone_field), ("optout_field", &r.optout_field)] {
+        if v.trim().is_empty() {
+            out.push(format!("{path}.{name} is empty"));
+        }
+    }
+    if r.timezone.parse::<chrono_tz::Tz>().is_err() {
+        out.push(format!("{path}.timezone {:?} is not an IANA zone name", r.timezone));
+    }
+    if r.max_calls_per_minute == 0 || r.max_calls_per_minute > 600 {
+        out.push(format!("{path}.max_calls_per_minute must be between 1 and 600 (REDCap bans past its limit)"));
+    }
+    if r.request_timeout.is_zero() {
+        out.push(format!("{path}.request_timeout must be above 0"));
+    }
+}
+
+fn email_problems(path: &str, e: &EmailConfig, out: &mut Vec<String>) {
+    if e.smtp_host.trim().is_empty() {
+        out.push(format!("{path}.smtp_host is empty"));
+    }
+    if e.from.parse::<lettre::message::Mailbox>().is_err() {
+        out.push(format!("{path}.from {:?} is not an address", e.from));
+    }
+    if e.to.is_empty() {
+        out.push(format!("{path}.to must list at least one address"));
+    }
+    for to in e.to.iter().filter(|t| t.parse::<lettre::message::Mailbox>().is_err()) {
+        out.push(format!("{path}.to {to:?} is not an address"));
+    }
+    if e.timeout.is_zero() {
+        out.push(format!("{path}.timeout must be above 0"));
+    }
+    if e.timezone.parse::<chrono_tz::Tz>().is_err() {
+        out.push(format!("{path}.timezone {:?} is not an IANA zone name", e.timezone));
+    }
+    if e.username.is_some() != e.password.is_some() {
+        out.push(format!("{path}.username and {path}.password go together"));
+    }
+    if e.ca_file.is_some() && e.tls == EmailTls::None {
+        out.push(format!("{path}.ca_file is set but {path}.tls is \"none\": no certificate would be checked"));
+    }
+    if let Err(problem) = e.extra_roots_at(path) {
+        out.push(problem);
+    }
+    if e.alert_after.is_zero() {
+        out.push(format!("{path}.alert_after must be above 0"));
+    }
+}
+
+/// A scope that is blank or padded never equals an event's scope, so the
+/// sink would silently follow nothing; `[]` likewise.
+fn scope_problems(path: &str, scopes: Option<&[String]>, out: &mut Vec<String>) {
+    let Some(scopes) = scopes else { return };
+    if scopes.is_empty() {
+        out.push(format!(
+            "{path}.scopes is empty, so the sink would follow nothing: remove scopes to follow every scope"
+        ));
+    }
+    for scope in scopes {
+        if scope.trim().is_empty() {
+            out.push(format!("{path}.scopes holds an empty scope"));
+        } else if scope.trim() != scope {
+            out.push(format!("{path}.scopes {scope:?} has spaces around it"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configuration a TOML text gives, defaults beneath it, no environment.
+    fn parse(toml: &str) -> Result<Config, String> {
+        Config::extract(Figment::from(Toml::string(toml))).map_err(|e| e.to_string())
+    }
+
+    fn problems(toml: &str) -> Vec<String> {
+        parse(toml).expect("parses").problems()
+    }
+
+    const STUDY_A: &str = r#"
+[sinks.study_a]
+type = "redcap"
+url = "https://redcap.example.edu/api/"
+token = "0123456789ABCDEF0123456789ABCDEF"
+phone_field = "phone"
+optout_field = "sms_opted_out_at"
+scopes = ["MG11111111111111111111111111111111", "+14155550100"]
+resync_interval = "30m"
+"#;
+
+    const SHORTHAND: &str = r#"
+[redcap]
+url = "https://redcap.example.edu/api/"
+token = "0123456789ABCDEF0123456789ABCDEF"
+phone_field = "phone"
+optout_field = "sms_opted_out_at"
+
+[email]
+smtp_host = "smtp.example.org"
+from = "relay@example.org"
+to = "ops@example.org"
+"#;
+
+    #[test]
+    fn named_sinks_parse_with_their_type_and_scopes() {
+        let c = parse(STUDY_A).unwrap();
+        assert_eq!(c.problems(), Vec::<String>::new());
+        let sinks = c.sinks();
+        assert_eq!(sinks.len(), 1);
+        let (name, sink) = &sinks[0];
+        assert_eq!((name.as_str(), sink.kind()), ("study_a", "redcap"));
+        assert_eq!(
+            sink.scopes(),
+            Some(&["MG11111111111111111111111111111111".to_owned(), "+14155550100".to_owned()][..])
+        );
+        let SinkConfig::Redcap(r) = sink else { panic!("{sink:?}") };
+        assert_eq!(r.resync_interval, Duration::from_secs(30 * 60));
+        assert_eq!(r.max_calls_per_minute, 300, "the type's defaults apply");
+    }
+
+    #[test]
+    fn shorthand_tables_are_sinks_named_redcap_and_email_sorted_with_the_others() {
+        let c = parse(&format!("{SHORTHAND}{STUDY_A}")).unwrap();
+        assert_eq!(c.problems(), Vec::<String>::new());
+        let sinks: Vec<(String, &str, Option<usize>)> =
+            c.sinks().iter().map(|(n, s)| (n.clone(), s.kind(), s.scopes().map(<[_]>::len))).collect();
+        assert_eq!(
+            sinks,
+            [
+                ("email".to_owned(), "email", None),
+                ("redcap".to_owned(), "redcap", None),
+                ("study_a".to_owned(), "redcap", Some(2))
+            ]
+        );
+        assert!(parse("").unwrap().sinks().is_empty());
+    }
+
+    #[test]
+    fn new_keys_have_their_defaults() {
+        let c = parse(SHORTHAND).unwrap();
+        let r = c.redcap.as_ref().unwrap();
+        assert_eq!((r.scopes.as_ref(), r.resync_interval), (None, Duration::from_secs(3600)));
+        let e = c.email.as_ref().unwrap();
+        assert_eq!(e.scopes, None);
+        assert_eq!((e.alert_after, e.report_wait), (Duration::from_secs(15 * 60), Duration::from_secs(10 * 60)));
+        let relay = &c.relay;
+        assert_eq!((relay.retry_base, relay.retry_cap), (Duration::from_secs(1), Duration::from_secs(15)));
+        assert_eq!((relay.recheck_soon, relay.recheck_late), (Duration::from_secs(15), Duration::from_secs(600)));
+        assert_eq!(relay.misconfigured_retry, Duration::from_secs(15 * 60));
+        assert_eq!(relay.max_age, Duration::from_secs(3 * 24 * 3600));
+        // The constructors agree with the file's defaults.
+        let built = RedcapConfig::new(&r.url, r.token.clone(), &r.phone_field, &r.optout_field);
+        assert_eq!(format!("{built:?}"), format!("{r:?}"));
+        let built = EmailConfig::new(&e.smtp_host, &e.from, e.to.clone());
+        assert_eq!(format!("{built:?}"), format!("{e:?}"));
+        // "0s" turns resync off; it is not a problem.
+        let c = parse(&STUDY_A.replace("\"30m\"", "\"0s\"")).unwrap();
+        let SinkConfig::Redcap(r) = &c.sinks()[0].1 else { panic!() };
+        assert!(r.resync_interval.is_zero());
+        assert_eq!(c.problems(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_sink_table_is_an_error_naming_it() {
+        for (table, typo) in [(STUDY_A, "tokn"), (SHORTHAND, "tokn")] {
+            let text = table.replacen("token =", &format!("{typo} = \"x\"\ntoken ="), 1);
+            let err = parse(&text).unwrap_err();
+            assert!(err.contains("unknown field") && err.contains(typo), "{err}");
+        }
+        let email = "[sinks.mail]\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"a@b.c\"\nto = \"d@e.f\"\nalert_afer = \"1m\"\n";
+        let err = parse(email).unwrap_err();
+        assert!(err.contains("alert_afer"), "{err}");
+        let err = parse(&STUDY_A.replace("\"redcap\"", "\"redcapp\"")).unwrap_err();
+        assert!(err.contains("redcapp"), "{err}");
+        let err = parse(&STUDY_A.replace("type = \"redcap\"\n", "")).unwrap_err();
+        assert!(err.contains("type"), "{err}");
+    }
+
+    #[test]
+    fn max_attempts_is_now_an_unknown_key() {
+        let err = parse("[relay]\nmax_attempts = 100\n").unwrap_err();
+        assert!(err.contains("unknown field") && err.contains("max_attempts"), "{err}");
+    }
+
+    #[test]
+    fn a_scope_given_as_a_number_is_refused_not_stripped_of_its_plus() {
+        let err = parse(&STUDY_A.replace("\"+14155550100\"", "14155550100")).unwrap_err();
+        assert!(err.contains("14155550100") && err.contains("quote"), "{err}");
+        // One text scope stands for a list of one (an environment value often is).
+        let c = parse(&STUDY_A.replace("scopes = [", "scopes = \"MG1\"\n#")).unwrap();
+        assert_eq!(c.sinks()[0].1.scopes(), Some(&["MG1".to_owned()][..]));
+    }
+
+    #[test]
+    fn sink_names_must_be_lowercase_letters_digits_underscore_and_hyphen() {
+        for bad in ["Study_A", "study a", "study.a", "ü"] {
+            let toml = STUDY_A.replace("[sinks.study_a]", &format!("[sinks.\"{bad}\"]"));
+            let problems = problems(&toml);
+            assert!(
+                problems.iter().any(|p| p.contains(&format!("{bad:?}")) && p.contains("^[a-z0-9_-]+$")),
+                "{problems:?}"
+            );
+        }
+        for good in ["study-a", "a1", "_"] {
+            assert_eq!(problems(&STUDY_A.replace("[sinks.study_a]", &format!("[sinks.{good}]"))), Vec::<String>::new());
+        }
+    }
+
+    #[test]
+    fn a_name_defined_as_shorthand_and_under_sinks_is_a_problem() {
+        let named = STUDY_A.replace("[sinks.study_a]", "[sinks.redcap]");
+        let c = parse(&format!("{SHORTHAND}{named}")).unwrap();
+        let problems = c.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("\"redcap\" is defined twice"), "{problems:?}");
+        // Until then, the [sinks] table wins (the shorthand has no scopes).
+        let sinks = c.sinks();
+        assert_eq!(sinks.iter().filter(|(n, _)| n == "redcap").count(), 1);
+        assert!(sinks.iter().any(|(n, s)| n == "redcap" && s.scopes().is_some()));
+    }
+
+    #[test]
+    fn per_sink_checks_name_the_key_path() {
+        let broken = |t: &str| {
+            t.replace("https://redcap.example.edu/api/", "redcap.example.edu")
+                .replace("0123456789ABCDEF0123456789ABCDEF", "")
+                .replace("optout_field = \"sms_opted_out_at\"", "optout_field = \" \"\ntimezone = \"Mars/Olympus\"")
+        };
+        let problems = problems(&format!("{}{}", broken(SHORTHAND), broken(STUDY_A)));
+        for (path, env) in
+            [("redcap", "OPTOUT_RELAY__REDCAP__TOKEN"), ("sinks.study_a", "OPTOUT_RELAY__SINKS__STUDY_A__TOKEN")]
+        {
+            for expected in [
+                format!("{path}.url \"redcap.example.edu\" must start with https://"),
+                format!("{path}.token is empty (set {env})"),
+                format!("{path}.optout_field is empty"),
+                format!("{path}.timezone \"Mars/Olympus\""),
+            ] {
+                assert!(problems.iter().any(|p| p.starts_with(&expected)), "{expected} in {problems:?}");
+            }
+        }
+        let mail = "[sinks.mail]\ntype = \"email\"\nsmtp_host = \"\"\nfrom = \"nobody\"\nto = []\nusername = \"u\"\n";
+        let problems = self::problems(mail);
+        for expected in [
+            "sinks.mail.smtp_host is empty",
+            "sinks.mail.from \"nobody\" is not an address",
+            "sinks.mail.to must list at least one address",
+            "sinks.mail.username and sinks.mail.password go together",
+        ] {
+            assert!(problems.contains(&expected.to_owned()), "{expected} in {problems:?}");
+        }
+        let problems = self::problems(&format!("{SHORTHAND}ca_file = \"/nonexistent/ca.pem\"\n"));
+        assert!(problems.iter().any(|p| p.starts_with("email.ca_file /nonexistent/ca.pem")), "{problems:?}");
+    }
+
+    #[test]
+    fn empty_scopes_are_problems() {
+        let problems = problems(&STUDY_A.replace("\"+14155550100\"", "\"\", \" +14155550101\""));
+        assert!(problems.contains(&"sinks.study_a.scopes holds an empty scope".to_owned()), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("\" +14155550101\" has spaces")), "{problems:?}");
+        let none = self::problems(&format!(
+            "{}scopes = []\n",
+            STUDY_A.replace("scopes = [\"MG11111111111111111111111111111111\", \"+14155550100\"]\n", "")
+        ));
+        assert_eq!(none.len(), 1, "{none:?}");
+        assert!(
+            none[0].starts_with("sinks.study_a.scopes is empty")
+                && none[0].contains("remove scopes to follow every scope")
+        );
+    }
+
+    #[test]
+    fn only_one_email_sink_is_allowed() {
+        let second = "[sinks.alerts]\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"a@b.c\"\nto = \"d@e.f\"\n";
+        let problems = problems(&format!("{SHORTHAND}{second}"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("only one email sink is allowed") && problems[0].contains("email, sinks.alerts")
+        );
+    }
+
+    #[test]
+    fn the_lease_must_outlast_a_batchs_worst_case() {
+        // Defaults: 3 × 30s + 3 × 200ms = 90.6s, inside the 2m lease.
+        let r = parse(SHORTHAND).unwrap().redcap.unwrap();
+        assert_eq!(r.batch_worst_case(), Some(Duration::from_millis(90_600)));
+
+        let slow =
+            STUDY_A.replace("resync_interval", "request_timeout = \"40s\"\nmax_calls_per_minute = 60\nresync_interval");
+        // 3 × 40s + 3 × 1s = 123s: a 2m lease is too short, 2m3s is not longer, 2m4s is.
+        let problems = problems(&slow);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let p = &problems[0];
+        for part in [
+            "relay.lease 2m ",
+            "\"study_a\"",
+            "2m 3s",
+            "sinks.study_a.request_timeout 40s",
+            "raise relay.lease or lower request_timeout",
+        ] {
+            assert!(p.contains(part), "{part:?} in {p}");
+        }
+        assert_eq!(self::problems(&format!("{slow}[relay]\nlease = \"123s\"\n")).len(), 1);
+        assert_eq!(self::problems(&format!("{slow}[relay]\nlease = \"124s\"\n")), Vec::<String>::new());
+        // A zero rate is its own problem, not a division by zero.
+        let zero = self::problems(&STUDY_A.replace("resync_interval", "max_calls_per_minute = 0\nresync_interval"));
+        assert_eq!(zero.len(), 1, "{zero:?}");
+        assert!(zero[0].contains("max_calls_per_minute must be between 1 and 600"));
+    }
+
+    #[test]
+    fn relay_rechecks_must_be_ordered() {
+        let problems = problems("[relay]\nrecheck_soon = \"10m\"\nrecheck_late = \"1m\"\n");
+        assert_eq!(problems, ["relay.recheck_soon must be above 0 and relay.recheck_late above it"]);
     }
 }

@@ -3,26 +3,35 @@
 use std::path::Path;
 use std::process::Command;
 
-use optout_relay::config::Config;
+use optout_relay::config::{Config, SinkConfig};
 use secrecy::ExposeSecret;
 
-/// Set in the child process that runs the environment test.
+/// Set in the child process that runs an environment test.
 const CHILD: &str = "OPTOUT_RELAY_TEST_ENV_CHILD";
 
 /// The environment is process-wide and this binary's other tests run on
-/// other threads, some of them loading configuration: the test re-runs
-/// itself alone in a child process, where setting variables disturbs nobody.
+/// other threads, some of them loading configuration: a test that sets
+/// variables re-runs itself alone in a child process, where doing so disturbs
+/// nobody. True in that child (go on), false in the parent (done: the child
+/// passed).
+fn in_child(test: &str) -> bool {
+    if std::env::var_os(CHILD).is_some() {
+        return true;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([&format!("config::{test}"), "--exact", "--test-threads=1"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+    false
+}
+
 #[test]
 fn example_file_and_environment_layers() {
-    if std::env::var_os(CHILD).is_none() {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args(["config::example_file_and_environment_layers", "--exact", "--test-threads=1"])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{text}");
-        assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+    if !in_child("example_file_and_environment_layers") {
         return;
     }
     // The documented example parses, and nothing in it is a problem.
@@ -30,6 +39,8 @@ fn example_file_and_environment_layers() {
     assert_eq!(example.problems(), Vec::<String>::new());
     assert_eq!(example.server.public_url.as_deref(), Some("https://optout.example.org"));
     assert!(example.redcap.is_none());
+    assert!(example.sinks().is_empty(), "the sinks are commented out");
+    assert!(example.relay.retry_cap <= std::time::Duration::from_secs(15));
 
     // Built-in defaults with no file.
     let d = Config::default();
@@ -55,7 +66,8 @@ fn example_file_and_environment_layers() {
     let r = c.redcap.as_ref().expect("redcap section from the environment");
     assert_eq!(r.max_calls_per_minute, 300);
     assert_eq!(r.timezone, "UTC");
-    assert_eq!(c.sink_names(), vec!["redcap"]);
+    let names: Vec<String> = c.sinks().into_iter().map(|(name, _)| name).collect();
+    assert_eq!(names, ["redcap"]);
     // Secrets never show in a Debug print.
     let debug = format!("{c:?}");
     assert!(!debug.contains("0123456789ABCDEF0123456789ABCDEF") && !debug.contains("12345\""), "{debug}");
@@ -79,6 +91,96 @@ fn example_file_and_environment_layers() {
 
     // A missing --config file is an error, not a silent default.
     assert!(Config::load(Some(Path::new("/nonexistent/optout-relay.toml"))).is_err());
+}
+
+/// The commented-out sink tables of the example, uncommented, load: the keys
+/// it documents exist, and only the tokens (left for the environment) are missing.
+#[test]
+fn example_sink_tables_load_when_uncommented() {
+    let is_key = |k: &str| !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    let example = std::fs::read_to_string("config.example.toml").unwrap();
+    let sinks_at = example.find("# Sinks:").expect("the sinks' part of the example");
+    let (head, sinks_part) = example.split_at(sinks_at);
+    let uncommented: String = head.to_owned()
+        + &sinks_part
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') => rest,
+                Some(rest) if rest.split_once(" = ").is_some_and(|(key, _)| is_key(key)) => rest,
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect::<String>();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("uncommented.toml");
+    std::fs::write(&file, uncommented).unwrap();
+    let c = Config::load(Some(&file)).expect("the uncommented example parses");
+    let sinks: Vec<(String, &str)> = c.sinks().iter().map(|(n, s)| (n.clone(), s.kind())).collect();
+    assert_eq!(
+        sinks,
+        [("email".to_owned(), "email"), ("redcap".to_owned(), "redcap"), ("study_b".to_owned(), "redcap")]
+    );
+    let SinkConfig::Redcap(b) = &c.sinks()[2].1 else { unreachable!() };
+    assert_eq!(b.scopes.as_ref().map(Vec::len), Some(2));
+    let problems: Vec<String> =
+        c.problems().into_iter().filter(|p| !p.contains("password") && !p.contains("token is empty")).collect();
+    assert_eq!(problems, Vec::<String>::new());
+}
+
+/// `OPTOUT_RELAY__SINKS__NAME__KEY` reaches a named sink (figment lowercases
+/// the name), alone or on top of the file's table; the shorthand's token too.
+#[test]
+fn sink_secrets_from_the_environment() {
+    if !in_child("sink_secrets_from_the_environment") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sinks.toml");
+    let project =
+        "url = \"https://redcap.example.edu/api/\"\nphone_field = \"phone\"\noptout_field = \"opted_out_at\"\n";
+    std::fs::write(
+        &file,
+        format!("[redcap]\n{project}\n[sinks.study_a]\ntype = \"redcap\"\n{project}scopes = [\"MG1\"]\n"),
+    )
+    .unwrap();
+    // No token in the file: a required key, so without the environment it does not load.
+    let err = Config::load(Some(&file)).unwrap_err().to_string();
+    assert!(err.contains("token"), "{err}");
+
+    std::env::set_var("OPTOUT_RELAY__REDCAP__TOKEN", "SHORTHANDTOKEN0123456789ABCDEF00");
+    std::env::set_var("OPTOUT_RELAY__SINKS__STUDY_A__TOKEN", "STUDYATOKEN0123456789ABCDEF00000");
+    // A sink the environment alone defines, scopes quoted to keep their +.
+    std::env::set_var("OPTOUT_RELAY__SINKS__STUDY_B__TYPE", "redcap");
+    std::env::set_var("OPTOUT_RELAY__SINKS__STUDY_B__URL", "https://redcap.example.edu/api/");
+    std::env::set_var("OPTOUT_RELAY__SINKS__STUDY_B__TOKEN", "STUDYBTOKEN0123456789ABCDEF00000");
+    std::env::set_var("OPTOUT_RELAY__SINKS__STUDY_B__PHONE_FIELD", "mobile");
+    std::env::set_var("OPTOUT_RELAY__SINKS__STUDY_B__OPTOUT_FIELD", "stop_at");
+    std::env::set_var("OPTOUT_RELAY__SINKS__STUDY_B__SCOPES", r#"["+14155550100", MG2]"#);
+    let c = Config::load(Some(&file)).unwrap();
+    assert_eq!(c.problems(), Vec::<String>::new());
+    let sinks = c.sinks();
+    let tokens: Vec<(&str, &str)> = sinks
+        .iter()
+        .map(|(name, sink)| match sink {
+            SinkConfig::Redcap(r) => (name.as_str(), r.token.expose_secret()),
+            SinkConfig::Email(_) => panic!("{name} is not email"),
+        })
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            ("redcap", "SHORTHANDTOKEN0123456789ABCDEF00"),
+            ("study_a", "STUDYATOKEN0123456789ABCDEF00000"),
+            ("study_b", "STUDYBTOKEN0123456789ABCDEF00000"),
+        ]
+    );
+    assert_eq!(sinks[1].1.scopes(), Some(&["MG1".to_owned()][..]), "the file's keys stay");
+    assert_eq!(sinks[2].1.scopes(), Some(&["+14155550100".to_owned(), "MG2".to_owned()][..]));
+
+    // Unquoted, a To number is read as a number: refused, not stripped of its +.
+    std::env::set_var("OPTOUT_RELAY__SINKS__STUDY_B__SCOPES", "+14155550100");
+    let err = Config::load(Some(&file)).unwrap_err().to_string();
+    assert!(err.contains("14155550100") && err.contains("quote"), "{err}");
 }
 
 /// `email.ca_file` problems, from a config file (no environment is set here;
