@@ -63,10 +63,8 @@ impl Application {
         crate::metrics::handle();
         let twilio = &config.twilio;
         let region = config.keywords.region().ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
+        // `problems()` above refused a relay.lease a REDCap batch could outlive.
         let sinks = build_sinks(&config, region)?;
-        for sink in &sinks {
-            refuse_short_lease(&config, sink)?;
-        }
         // Notified when new work was committed: wakes the relay.
         let recorded = Arc::new(Notify::new());
         let relay =
@@ -181,23 +179,6 @@ pub fn build_sinks(config: &Config, region: phonenumber::country::Id) -> Result<
         sinks.push(Arc::new(Sink { name, scopes, kind }));
     }
     Ok(sinks)
-}
-
-/// `serve` refuses a lease a REDCap batch could outlive: a worker past its
-/// lease may write after another worker's newer write.
-fn refuse_short_lease(config: &Config, sink: &Sink) -> Result<(), StartError> {
-    if let SinkKind::Redcap { sink: redcap, .. } = &sink.kind {
-        let worst = redcap.worst_case_batch();
-        if config.relay.lease <= worst {
-            return Err(StartError::Config(format!(
-                "relay.lease ({}) must be longer than sink {}'s worst-case batch ({}); raise relay.lease or lower request_timeout",
-                humantime::format_duration(config.relay.lease),
-                sink.name,
-                humantime::format_duration(worst),
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Registers the sinks (which needs the migrations: retried until they are
