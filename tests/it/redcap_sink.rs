@@ -608,6 +608,373 @@ async fn the_rate_limiter_spaces_every_call() {
     );
 }
 
+// Compare-and-write: only what differs from the target is written.
+
+#[tokio::test]
+async fn converging_twice_to_the_same_target_makes_no_second_import() {
+    let fake = FakeRedcap::start(
+        classic("datetime_seconds_ymd").with_record("1", None, &[("mobile", "4155550101")]).with_record(
+            "2",
+            None,
+            &[("mobile", "(415) 555-0101")],
+        ),
+    )
+    .await;
+    let sink = sink(&fake, |_| {});
+    let first = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(written(&first[0]), ["1", "2"]);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+
+    let again = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(again[0], json!({"records": ["1", "2"], "written": [], "unchanged": 2, "value": "2026-11-23 09:15:07"}));
+    assert_eq!(fake.calls_of(CallKind::Import), 1, "nothing differs, nothing imported");
+    assert_eq!(fake.calls_of(CallKind::Export), 2);
+
+    // One record changed by hand: only that one is written back.
+    fake.set_value("2", None, "optout_at", "2026-01-01 00:00:00");
+    let repaired = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(written(&repaired[0]), ["2"]);
+    assert_eq!(repaired[0]["unchanged"], 1);
+    assert_eq!(imported_rows(&fake).len(), 3, "two rows, then one");
+    assert_eq!(fake.value("2", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+}
+
+#[tokio::test]
+async fn an_opt_in_on_a_blank_field_makes_no_import() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let out = sink(&fake, |_| {}).converge(&[opt_in("+14155550101")], None).await.unwrap();
+    assert_eq!(out[0], json!({"records": ["1"], "written": [], "unchanged": 1, "value": ""}));
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+}
+
+#[tokio::test]
+async fn a_stamp_redcap_normalised_is_not_written_again() {
+    // Minutes written into a seconds field come back as `HH:MM:00`; seconds
+    // written into a minutes field come back without them. Neither differs.
+    for (validation, format, stored) in [
+        ("datetime_seconds_ymd", TimestampFormat::Minutes, "2026-11-23 09:15:00"),
+        ("datetime_ymd", TimestampFormat::Seconds, "2026-11-23 09:15"),
+    ] {
+        let fake = FakeRedcap::start(classic(validation).with_record("1", None, &[("mobile", "4155550101")])).await;
+        let sink = sink(&fake, |c| c.timestamp_format = format);
+        sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+        assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(stored), "{validation}");
+        let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+        assert_eq!(out[0]["unchanged"], 1, "{validation}");
+        assert_eq!(fake.calls_of(CallKind::Import), 1, "{validation}");
+    }
+}
+
+#[tokio::test]
+async fn whatever_else_the_field_holds_is_overwritten_by_the_target() {
+    let fake =
+        FakeRedcap::start(
+            classic("")
+                .with_record("1", None, &[("mobile", "4155550101"), ("optout_at", "yes (phoned us)")])
+                .with_record("2", None, &[("mobile", "4155550102"), ("optout_at", "2026-01-01 08:00:00")]),
+        )
+        .await;
+    let sink = sink(&fake, |_| {});
+    let later = Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap();
+    let out = sink.converge(&[opt_out("+14155550101"), opted_out("+14155550102", later)], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+    assert_eq!(written(&out[1]), ["2"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+    assert_eq!(fake.value("2", None, "optout_at").as_deref(), Some("2026-12-01 07:00:00"));
+}
+
+#[tokio::test]
+async fn a_record_with_two_numbers_stays_stamped_when_one_opts_in() {
+    // Record 1 holds both numbers (two contacts); the opt-out field is on the record row.
+    let fake = FakeRedcap::start(repeating("consent")).await;
+    fake.set_value("1", None, "optout_at", "2026-01-01 00:00:00");
+    let sink = sink(&fake, |_| {});
+    let out = sink.converge(&[opt_in("+14155550199"), opt_out("+14155550101")], None).await.unwrap();
+    // The opt-out decides record 1's field: texting someone who said STOP is the harm to avoid.
+    assert_eq!(out[0], json!({"records": ["1"], "written": [], "unchanged": 1, "value": ""}));
+    assert_eq!(written(&out[1]), ["1", "2"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+}
+
+#[tokio::test]
+async fn a_repeating_instance_already_stamped_is_left_alone() {
+    let fake = FakeRedcap::start(repeating("contacts")).await;
+    let sink = sink(&fake, |_| {});
+    sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(out[0]["unchanged"], 2);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+}
+
+// Uncertainty: a write whose outcome is unknown says so, and running the
+// same convergence again is the re-check.
+
+#[tokio::test]
+async fn a_timed_out_import_is_uncertain_and_the_next_convergence_repairs_its_late_landing() {
+    let fake =
+        FakeRedcap::start(classic("datetime_seconds_ymd").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |c| c.request_timeout = Duration::from_millis(300));
+    let first_stop = november();
+    let second_stop = Utc.with_ymd_and_hms(2026, 11, 24, 10, 0, 0).unwrap();
+    sink.converge(&[opted_out("+14155550101", first_stop)], None).await.unwrap();
+
+    // A START whose import times out; REDCap runs it anyway, 3 s after it arrived.
+    fake.apply_late_next_import(Duration::from_secs(3));
+    match sink.converge(&[opt_in("+14155550101")], None).await {
+        Err(SinkError::Uncertain(m)) => {
+            assert!(m.contains("did not answer the record import") && m.contains("may still apply"), "{m}");
+            assert!(!m.contains(TOKEN));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The person texts STOP again before the START lands.
+    let out = sink.converge(&[opted_out("+14155550101", second_stop)], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-24 05:00:00"));
+
+    // The late START lands and clears the field...
+    eventually("the timed-out START applied", || async { fake.late_imports_applied() == 1 }).await;
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
+    // ...and the relay's re-check (the same convergence) stamps it back.
+    let imports = fake.calls_of(CallKind::Import);
+    let out = sink.converge(&[opted_out("+14155550101", second_stop)], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-24 05:00:00"));
+    assert_eq!(fake.calls_of(CallKind::Import), imports + 1);
+    // Converged: the next re-check writes nothing.
+    sink.converge(&[opted_out("+14155550101", second_stop)], None).await.unwrap();
+    assert_eq!(fake.calls_of(CallKind::Import), imports + 1);
+}
+
+#[tokio::test]
+async fn a_500_on_import_is_uncertain_while_a_500_on_export_is_transient() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |_| {});
+    fake.fail_next(CallKind::Export, Fault::Status500);
+    match sink.converge(&[opt_out("+14155550101")], None).await {
+        Err(SinkError::Transient { message, .. }) => assert!(message.contains("500"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.calls_of(CallKind::Import), 0, "a failed read writes nothing");
+
+    fake.fail_next(CallKind::Import, Fault::Status500);
+    match sink.converge(&[opt_out("+14155550101")], None).await {
+        Err(SinkError::Uncertain(m)) => assert!(m.contains("500") && m.contains("record import"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The re-check finds the field still blank (this 500 wrote nothing) and writes it.
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+}
+
+#[tokio::test]
+async fn a_short_import_count_is_uncertain() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")]).with_record(
+        "2",
+        None,
+        &[("mobile", "4155550101")],
+    ))
+    .await;
+    let sink = sink(&fake, |_| {});
+    fake.fail_next(CallKind::Import, Fault::ShortCount);
+    match sink.converge(&[opt_out("+14155550101")], None).await {
+        Err(SinkError::Uncertain(m)) => assert!(m.contains("1 record(s) updated of 2 sent"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The re-check writes only the record that was not saved.
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["2"]);
+    assert_eq!(out[0]["unchanged"], 1);
+}
+
+#[tokio::test]
+async fn an_import_whose_answer_is_cut_off_is_uncertain() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |_| {});
+    fake.fail_next(CallKind::Import, Fault::CutAfterApply);
+    match sink.converge(&[opt_out("+14155550101")], None).await {
+        Err(SinkError::Uncertain(m)) => assert!(m.contains("record import") && m.contains("may have been"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // It was applied: the re-check sees the stamp and writes nothing.
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(out[0]["unchanged"], 1);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+}
+
+#[tokio::test]
+async fn an_import_during_an_outage_is_uncertain_only_once_it_may_have_run() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |c| c.request_timeout = Duration::from_millis(300));
+    // Metadata cached, then REDCap hangs: the export times out, nothing written: transient.
+    sink.converge(&[opt_in("+14155550101")], None).await.unwrap();
+    fake.set_fault(Fault::Timeout(Duration::from_secs(600)));
+    assert!(matches!(sink.converge(&[opt_out("+14155550101")], None).await, Err(SinkError::Transient { .. })));
+    // An export that works, then an import that hangs: uncertain.
+    fake.fail_next(CallKind::Export, Fault::None);
+    assert!(matches!(sink.converge(&[opt_out("+14155550101")], None).await, Err(SinkError::Uncertain(_))));
+    fake.clear_fault();
+}
+
+// Leases: nothing is started that could not finish before the lease runs out.
+
+#[tokio::test]
+async fn a_deadline_too_close_makes_no_call_at_all() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |c| c.request_timeout = Duration::from_secs(5));
+    match sink.converge(&[opt_out("+14155550101")], in_(Duration::from_secs(4))).await {
+        Err(SinkError::Transient { message, retry_after: None }) => {
+            assert_eq!(message, "lease would run out before the write could finish; left for the next pass")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.calls(), 0);
+    // Already past: the same.
+    let past = Some(tokio::time::Instant::now());
+    assert!(matches!(sink.converge(&[opt_out("+14155550101")], past).await, Err(SinkError::Transient { .. })));
+    assert_eq!(fake.calls(), 0);
+    // With the worst case left, it goes through.
+    let out = sink.converge(&[opt_out("+14155550101")], in_(sink.worst_case_batch())).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+}
+
+#[tokio::test]
+async fn a_lease_that_runs_short_during_the_export_stops_before_the_import() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |c| c.request_timeout = Duration::from_secs(2));
+    // 3 s of lease: enough to start the metadata read and the export, but the
+    // export takes 1.5 s, and then less than the 2 s timeout is left.
+    fake.delay_next(CallKind::Export, Duration::from_millis(1500));
+    match sink.converge(&[opt_out("+14155550101")], in_(Duration::from_secs(3))).await {
+        Err(SinkError::Transient { message, .. }) => assert!(message.starts_with("lease would run out"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn the_worst_case_batch_covers_three_calls_and_their_limiter_waits() {
+    let fake = FakeRedcap::start(classic("")).await;
+    let sink = sink(&fake, |c| {
+        c.request_timeout = Duration::from_secs(10);
+        c.max_calls_per_minute = 30;
+    });
+    assert_eq!(sink.request_timeout(), Duration::from_secs(10));
+    assert_eq!(sink.worst_case_batch(), Duration::from_secs(3 * (10 + 2)));
+}
+
+// Resync: stamps what an opted-out phone's records lack, never clears.
+
+#[tokio::test]
+async fn resync_stamps_blank_and_differing_fields_and_never_clears() {
+    let fake = FakeRedcap::start(
+        classic("datetime_seconds_ymd")
+            // Opted out, blank: stamped.
+            .with_record("1", None, &[("mobile", "4155550101")])
+            // Opted out, another time: stamped with the list's.
+            .with_record("2", None, &[("mobile", "(415) 555-0101"), ("optout_at", "2026-01-01 08:00:00")])
+            // Opted out, already right: left alone.
+            .with_record("3", None, &[("mobile", "4155550102"), ("optout_at", "2026-11-23 09:15:07")])
+            // Not on the list, stamped by staff: stays.
+            .with_record("4", None, &[("mobile", "4155550199"), ("optout_at", "2026-02-02 10:00:00")])
+            // Not on the list, blank: stays blank.
+            .with_record("5", None, &[("mobile", "4155550198")]),
+    )
+    .await;
+    let sink = sink(&fake, |_| {});
+    let list = [(phone("+14155550101"), november()), (phone("+14155550102"), november())];
+    let report = sink.resync(&list).await.unwrap();
+    assert_eq!(report, ResyncReport { phones: 2, records_matched: 3, records_stamped: 2 });
+    assert_eq!(
+        serde_json::to_value(&report).unwrap(),
+        json!({"phones": 2, "records_matched": 3, "records_stamped": 2})
+    );
+    for r in ["1", "2", "3"] {
+        assert_eq!(fake.value(r, None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"), "{r}");
+    }
+    assert_eq!(fake.value("4", None, "optout_at").as_deref(), Some("2026-02-02 10:00:00"));
+    assert_eq!(fake.value("5", None, "optout_at").as_deref(), Some(""));
+    // One export, one import of only the two that differed, never an overwrite (which could clear).
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+    let log = fake.call_log();
+    let import = log.iter().find(|c| c.kind == CallKind::Import).unwrap();
+    assert_eq!(import.param("overwriteBehavior"), Some("normal"));
+    let mut rows = imported_rows(&fake);
+    rows.sort_by_key(|r| r["study_id"].as_str().unwrap().to_owned());
+    assert_eq!(
+        rows,
+        [
+            json!({"study_id": "1", "optout_at": "2026-11-23 09:15:07"}),
+            json!({"study_id": "2", "optout_at": "2026-11-23 09:15:07"})
+        ]
+    );
+
+    // Run again: nothing differs, nothing imported.
+    let report = sink.resync(&list).await.unwrap();
+    assert_eq!(report.records_stamped, 0);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+}
+
+#[tokio::test]
+async fn resync_stamps_a_record_added_after_the_stop() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |_| {});
+    sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    // Enrolled later with the same number (and a number typed into an existing record).
+    fake.set_value("7", None, "mobile", "+1 415 555 0101");
+    fake.set_value("1", None, "notes", "enrolled before");
+    let report = sink.resync(&[(phone("+14155550101"), november())]).await.unwrap();
+    assert_eq!(report, ResyncReport { phones: 1, records_matched: 2, records_stamped: 1 });
+    assert_eq!(fake.value("7", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+    assert_eq!(imported_rows(&fake).last().unwrap(), &json!({"study_id": "7", "optout_at": "2026-11-23 09:15:07"}));
+}
+
+#[tokio::test]
+async fn resync_of_no_phones_makes_no_call() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    assert_eq!(sink(&fake, |_| {}).resync(&[]).await.unwrap(), ResyncReport::default());
+    assert_eq!(fake.calls(), 0);
+}
+
+#[tokio::test]
+async fn resync_imports_in_chunks_of_a_thousand_rows() {
+    let nums = numbers(1200);
+    let mut project = classic("datetime_seconds_ymd");
+    for (i, (typed, _)) in nums.iter().enumerate() {
+        project = project.with_record(&(i + 1).to_string(), None, &[("mobile", typed)]);
+    }
+    let fake = FakeRedcap::start(project).await;
+    let list: Vec<(Phone, DateTime<Utc>)> = nums.iter().map(|(_, e164)| (phone(e164), november())).collect();
+    let report = sink(&fake, |_| {}).resync(&list).await.unwrap();
+    assert_eq!(report, ResyncReport { phones: 1200, records_matched: 1200, records_stamped: 1200 });
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+    let sizes: Vec<usize> = fake
+        .call_log()
+        .iter()
+        .filter(|c| c.kind == CallKind::Import)
+        .map(|c| serde_json::from_str::<Vec<Value>>(c.param("data").unwrap()).unwrap().len())
+        .collect();
+    assert_eq!(sizes, [1000, 200]);
+    assert_eq!(fake.value("1200", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+}
+
+#[tokio::test]
+async fn a_resync_import_that_fails_is_uncertain() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |_| {});
+    fake.fail_next(CallKind::Import, Fault::Status500);
+    let list = [(phone("+14155550101"), november())];
+    assert!(matches!(sink.resync(&list).await, Err(SinkError::Uncertain(_))));
+    fake.fail_next(CallKind::Export, Fault::Status500);
+    assert!(matches!(sink.resync(&list).await, Err(SinkError::Transient { .. })));
+    assert_eq!(sink.resync(&list).await.unwrap().records_stamped, 1);
+}
+
 fn messages(lines: &[optout_relay::sinks::redcap::CheckLine]) -> String {
     lines.iter().map(|l| format!("{} {}\n", if l.ok { "ok  " } else { "FAIL" }, l.message)).collect()
 }
