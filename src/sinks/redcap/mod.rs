@@ -2,9 +2,9 @@
 //! a person's number to what the opt-out list says now: the opt-out time
 //! when opted out, blank when opted in. This file is the sink the relay
 //! calls; its parts are the API client (`api`), the call limiter
-//! (`limiter`), the project's metadata (`schema`), row matching
-//! (`matching`), compare-and-write (`compare`), timestamp formats
-//! (`timestamp`) and `check-config` (`check`).
+//! (`limiter`), the project's metadata (`schema`), the record calls
+//! (`records`), row matching (`matching`), compare-and-write (`compare`),
+//! timestamp formats (`timestamp`) and `check-config` (`check`).
 //!
 //! **Converge, compare and write.** A batch ([`RedcapSink::converge`]) costs
 //! at most three calls: the metadata (cached for an hour, so a project
@@ -42,10 +42,11 @@ mod check;
 mod compare;
 mod limiter;
 mod matching;
+mod records;
 mod schema;
 mod timestamp;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,8 +60,7 @@ use tokio::time::Instant;
 pub use check::CheckLine;
 
 use self::api::{Api, Metadata, Op};
-use self::compare::{beats, current_values, differing, distinct_records, outcomes, Want};
-use self::matching::{import_rows, normalise, parse_export, plan_writes, ExportRow, Plan, Slot, Write};
+use self::compare::{beats, differing, distinct_records, outcomes, Want};
 use self::schema::Schema;
 use self::timestamp::format_timestamp;
 use super::{Convergence, DeliveryItem, SinkError, Target};
@@ -103,21 +103,6 @@ pub struct RedcapSink {
     format: TimestampFormat,
     region: country::Id,
     schema: Arc<tokio::sync::Mutex<Option<Arc<Schema>>>>,
-}
-
-/// The project as one export saw it.
-struct Snapshot {
-    rows: Vec<ExportRow>,
-    /// Per row: its phone in E.164 when it may be one of the batch's.
-    phones: Vec<Option<Phone>>,
-    /// The opt-out field of every exported slot.
-    current: HashMap<Slot, String>,
-}
-
-impl Snapshot {
-    fn longitudinal(&self) -> bool {
-        self.rows.iter().any(|r| r.event.is_some())
-    }
 }
 
 impl RedcapSink {
@@ -282,74 +267,6 @@ impl RedcapSink {
         }
     }
 
-    /// Exports the project and matches its phones against `wanted` (E.164).
-    async fn read(
-        &self,
-        schema: &Schema,
-        wanted: Vec<String>,
-        deadline: Option<Instant>,
-    ) -> Result<Snapshot, SinkError> {
-        let exported = self.export(&schema.record_id, true, deadline).await?;
-        let rows = parse_export(&exported, &schema.record_id, &self.phone_field, Some(&self.optout_field))
-            .map_err(SinkError::Misconfigured)?;
-        drop(exported);
-        // Parsing phone numbers is CPU work (milliseconds for a large project):
-        // off the async workers, so webhooks on this runtime are not held up.
-        let (region, phone_event) = (self.region, self.phone_event.clone());
-        let (rows, phones) = tokio::task::spawn_blocking(move || {
-            let borrowed: Vec<Option<&str>> = wanted.iter().map(|p| Some(p.as_str())).collect();
-            let phones = normalise(&rows, &borrowed, region, phone_event.as_deref());
-            (rows, phones)
-        })
-        .await
-        .map_err(|e| SinkError::Transient {
-            message: format!("phone matching did not finish: {e}"),
-            retry_after: None,
-        })?;
-        let current = current_values(&rows);
-        Ok(Snapshot { rows, phones, current })
-    }
-
-    /// The slots each phone decides.
-    fn plan(
-        &self,
-        schema: &Schema,
-        snapshot: &Snapshot,
-        phones: &[String],
-        beats: impl Fn(usize, usize) -> bool,
-    ) -> Result<Plan, SinkError> {
-        let wanted: Vec<Option<&str>> = phones.iter().map(|p| Some(p.as_str())).collect();
-        plan_writes(&wanted, &snapshot.rows, &snapshot.phones, self.optout_event.as_deref(), &schema.optout_form, beats)
-            .map_err(SinkError::Misconfigured)
-    }
-
-    /// Imports the writes, `chunk` rows per call; nothing when there are none.
-    /// Every call must report all its records written, or the write is uncertain.
-    async fn import(
-        &self,
-        schema: &Schema,
-        writes: &[&Write],
-        wants: &[Want],
-        overwrite: bool,
-        chunk: usize,
-        deadline: Option<Instant>,
-    ) -> Result<(), SinkError> {
-        for part in writes.chunks(chunk.max(1)) {
-            let rows = part.iter().map(|w| (&w.slot, wants[w.item].value()));
-            let data = import_rows(rows, &schema.record_id, &self.optout_field).to_string();
-            let params = [
-                ("content", "record"),
-                ("type", "flat"),
-                ("overwriteBehavior", if overwrite { "overwrite" } else { "normal" }),
-                ("returnContent", "count"),
-                ("data", data.as_str()),
-            ];
-            let answer = self.api.call_within(Op::Import, &params, deadline).await?;
-            api::confirm_import(&answer, distinct_records(part))?;
-        }
-        Ok(())
-    }
-
     /// The cached schema, read again when missing or older than the TTL.
     /// Only a usable schema is cached, so a fixed project is seen at once.
     async fn schema(&self, deadline: Option<Instant>) -> Result<Arc<Schema>, SinkError> {
@@ -365,33 +282,6 @@ impl RedcapSink {
         );
         *slot = Some(schema.clone());
         Ok(schema)
-    }
-
-    /// Exports the record id, the phone and (`with_optout`) the opt-out field
-    /// of every row. With `phone_event` set, only that event is read, plus
-    /// `optout_event` where the opt-out field is written.
-    async fn export(&self, record_id: &str, with_optout: bool, deadline: Option<Instant>) -> Result<Value, SinkError> {
-        let mut fields = vec![record_id];
-        if self.phone_field != record_id {
-            fields.push(&self.phone_field);
-        }
-        if with_optout {
-            fields.push(&self.optout_field);
-        }
-        let mut events: Vec<&str> = Vec::new();
-        if let Some(pe) = &self.phone_event {
-            events.push(pe);
-            if with_optout {
-                events.extend(self.optout_event.as_deref().filter(|oe| oe != pe));
-            }
-        }
-        let keys: Vec<String> = (0..fields.len())
-            .map(|i| format!("fields[{i}]"))
-            .chain((0..events.len()).map(|i| format!("events[{i}]")))
-            .collect();
-        let mut params = vec![("content", "record"), ("type", "flat")];
-        params.extend(keys.iter().map(String::as_str).zip(fields.iter().chain(&events).copied()));
-        self.api.call_within(Op::Export, &params, deadline).await
     }
 }
 
