@@ -123,6 +123,10 @@ impl RedcapSink {
                 return Err(format!("redcap.{name} is empty"));
             }
         }
+        // The import writes the opt-out field: were it the phone field, it would overwrite the number.
+        if cfg.phone_field.trim() == cfg.optout_field.trim() {
+            return Err("redcap.phone_field and redcap.optout_field must be different fields".to_owned());
+        }
         let api = Api::new(url, cfg.token.clone(), cfg.request_timeout, cfg.max_calls_per_minute)?;
         let non_empty = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
         Ok(RedcapSink {
@@ -290,8 +294,8 @@ mod tests {
     use super::*;
     use secrecy::SecretString;
 
-    fn sink(request_timeout: Duration, max_calls_per_minute: u32) -> RedcapSink {
-        let cfg = RedcapConfig {
+    fn config(request_timeout: Duration, max_calls_per_minute: u32) -> RedcapConfig {
+        RedcapConfig {
             url: "https://redcap.example.org/api/".into(),
             token: SecretString::from("0123456789ABCDEF0123456789ABCDEF"),
             phone_field: "mobile".into(),
@@ -302,8 +306,19 @@ mod tests {
             timestamp_format: TimestampFormat::Auto,
             request_timeout,
             max_calls_per_minute,
-        };
-        RedcapSink::new(&cfg, country::Id::US).unwrap()
+        }
+    }
+
+    fn sink(request_timeout: Duration, max_calls_per_minute: u32) -> RedcapSink {
+        RedcapSink::new(&config(request_timeout, max_calls_per_minute), country::Id::US).unwrap()
+    }
+
+    #[test]
+    fn the_opt_out_field_cannot_be_the_phone_field() {
+        let mut cfg = config(Duration::from_secs(5), 60);
+        cfg.optout_field = " mobile ".into();
+        let e = RedcapSink::new(&cfg, country::Id::US).err().unwrap();
+        assert!(e.contains("must be different"), "{e}");
     }
 
     #[test]
