@@ -1,5 +1,7 @@
 //! The REDCap sink against the in-process fake REDCap: what ends up stored
 //! in the project, which calls were made, and how failures are classified.
+//! The sink converges: it reads the opt-out field, writes only what differs
+//! from each phone's target, and says when a write's outcome is unknown.
 
 use std::time::{Duration, Instant};
 
@@ -8,9 +10,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use crate::common::eventually;
 use crate::common::fake_redcap::{CallKind, FakeProject, FakeRedcap, Fault};
 use optout_relay::config::{RedcapConfig, TimestampFormat};
-use optout_relay::domain::{EventKind, Phone};
-use optout_relay::sinks::redcap::RedcapSink;
-use optout_relay::sinks::{DeliveryItem, SinkError};
+use optout_relay::domain::Phone;
+use optout_relay::sinks::redcap::{RedcapSink, ResyncReport};
+use optout_relay::sinks::{Convergence, SinkError, Target};
 use phonenumber::country;
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -57,20 +59,35 @@ fn november() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 23, 14, 15, 7).unwrap()
 }
 
-fn item(id: i64, e164: &str, kind: EventKind, at: DateTime<Utc>) -> DeliveryItem {
-    DeliveryItem { id, event_id: id, phone: Phone::from_stored(e164.to_owned()), kind, received_at: at }
+fn phone(e164: &str) -> Phone {
+    Phone::from_stored(e164.to_owned())
 }
 
-fn opt_out(id: i64, e164: &str) -> DeliveryItem {
-    item(id, e164, EventKind::OptOut, november())
+/// Opted out since `since`.
+fn opted_out(e164: &str, since: DateTime<Utc>) -> Convergence {
+    Convergence { phone: phone(e164), target: Target::OptedOut { since } }
 }
 
-fn opt_in(id: i64, e164: &str) -> DeliveryItem {
-    item(id, e164, EventKind::OptIn, november())
+/// Opted out since November 23rd, 14:15:07 UTC.
+fn opt_out(e164: &str) -> Convergence {
+    opted_out(e164, november())
+}
+
+fn opt_in(e164: &str) -> Convergence {
+    Convergence { phone: phone(e164), target: Target::OptedIn }
 }
 
 fn records(result: &Value) -> Vec<String> {
     result["records"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+}
+
+fn written(result: &Value) -> Vec<String> {
+    result["written"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+}
+
+/// A deadline `d` from now, as the relay passes the end of its lease.
+fn in_(d: Duration) -> Option<tokio::time::Instant> {
+    Some(tokio::time::Instant::now() + d)
 }
 
 /// The rows the sink sent in its import(s).
@@ -97,11 +114,13 @@ async fn every_phone_format_is_matched_and_stamped_in_the_project_zone() {
     let fake = FakeRedcap::start(project).await;
     let sink = sink(&fake, |_| {});
 
-    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
 
     assert_eq!(out.len(), 1);
     let want: Vec<String> = (0..formats.len()).map(|i| format!("S-{i}")).collect();
     assert_eq!(records(&out[0]), want);
+    assert_eq!(written(&out[0]), want);
+    assert_eq!(out[0]["unchanged"], 0);
     assert_eq!(out[0]["value"], "2026-11-23 09:15:07");
     assert!(out[0].get("events").is_none(), "classic project: {}", out[0]);
     for r in &want {
@@ -124,8 +143,11 @@ async fn every_phone_format_is_matched_and_stamped_in_the_project_zone() {
     }
     let log = fake.call_log();
     let export = log.iter().find(|c| c.kind == CallKind::Export).unwrap();
+    // The record id, the phone, and the opt-out field to compare against.
     assert_eq!(export.param("fields[0]"), Some("study_id"));
     assert_eq!(export.param("fields[1]"), Some("mobile"));
+    assert_eq!(export.param("fields[2]"), Some("optout_at"));
+    assert!(!export.has_param("fields[3]"));
     assert!(!export.has_param("events[0]"));
     let import = log.iter().find(|c| c.kind == CallKind::Import).unwrap();
     assert_eq!(import.param("overwriteBehavior"), Some("overwrite"));
@@ -152,7 +174,7 @@ async fn the_timestamp_follows_the_field_validation_the_format_and_daylight_savi
     ] {
         let fake = FakeRedcap::start(classic(validation).with_record("1", None, &[("mobile", "4155550101")])).await;
         let sink = sink(&fake, |c| c.timestamp_format = format);
-        let out = sink.apply(&[item(1, "+14155550101", EventKind::OptOut, july)]).await.unwrap();
+        let out = sink.converge(&[opted_out("+14155550101", july)], None).await.unwrap();
         // What REDCap stores (the fake normalises datetimes as REDCap does).
         assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(want), "{validation} {format:?}");
         assert_eq!(out[0]["records"], json!(["1"]));
@@ -161,7 +183,7 @@ async fn the_timestamp_follows_the_field_validation_the_format_and_daylight_savi
     // Another zone, in winter.
     let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
     let sink = sink(&fake, |c| c.timezone = "Europe/Paris".into());
-    sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
     assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 15:15:07"));
 }
 
@@ -174,9 +196,9 @@ async fn several_records_with_the_number_are_all_stamped() {
             .with_record("12", None, &[("mobile", "+14155550101")]),
     )
     .await;
-    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    let out = sink(&fake, |_| {}).converge(&[opt_out("+14155550101")], None).await.unwrap();
     assert_eq!(records(&out[0]), ["10", "12"]);
-    assert_eq!(out[0]["matched"], 2);
+    assert_eq!(written(&out[0]), ["10", "12"]);
     assert_eq!(fake.value("10", None, "optout_at").as_deref(), Some("2026-11-23 09:15"));
     assert_eq!(fake.value("12", None, "optout_at").as_deref(), Some("2026-11-23 09:15"));
     assert_eq!(fake.value("11", None, "optout_at").as_deref(), Some(""));
@@ -185,8 +207,9 @@ async fn several_records_with_the_number_are_all_stamped() {
 #[tokio::test]
 async fn no_match_is_success_and_makes_no_import() {
     let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "415-555-0102")])).await;
-    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101"), opt_in(2, "+14155550103")]).await.unwrap();
-    assert_eq!(out, [json!({"records": [], "matched": 0}), json!({"records": [], "matched": 0})]);
+    let out = sink(&fake, |_| {}).converge(&[opt_out("+14155550101"), opt_in("+14155550103")], None).await.unwrap();
+    let nothing = json!({"records": [], "written": [], "unchanged": 0});
+    assert_eq!(out, [nothing.clone(), nothing]);
     assert_eq!(fake.calls_of(CallKind::Import), 0);
     assert_eq!(fake.calls_of(CallKind::Export), 1);
     assert_eq!(fake.record_count(), 1);
@@ -205,14 +228,9 @@ async fn blank_phone_fields_are_never_stamped_whatever_the_number() {
     )
     .await;
     let short_code = Phone::parse("12345", country::Id::US).unwrap();
-    let items = [
-        item(1, short_code.as_str(), EventKind::OptOut, november()),
-        opt_out(2, "+442079460958"),
-        opt_out(3, ""),
-        opt_out(4, "+12345"),
-    ];
-    let out = sink(&fake, |_| {}).apply(&items).await.unwrap();
-    assert!(out.iter().all(|r| r["matched"] == 0), "{out:?}");
+    let items = [opt_out(short_code.as_str()), opt_out("+442079460958"), opt_out(""), opt_out("+12345")];
+    let out = sink(&fake, |_| {}).converge(&items, None).await.unwrap();
+    assert!(out.iter().all(|r| r["records"] == json!([])), "{out:?}");
     assert_eq!(fake.calls_of(CallKind::Import), 0);
     for r in ["1", "2", "3", "4"] {
         assert_eq!(fake.value(r, None, "optout_at").as_deref(), Some(""), "{r}");
@@ -231,7 +249,7 @@ async fn opt_in_clears_the_field_and_touches_nothing_else() {
             .with_record("2", None, &[("mobile", "415.555.0102"), ("optout_at", "2026-01-02 08:00:00")]),
     )
     .await;
-    let out = sink(&fake, |_| {}).apply(&[opt_in(9, "+14155550101")]).await.unwrap();
+    let out = sink(&fake, |_| {}).converge(&[opt_in("+14155550101")], None).await.unwrap();
     assert_eq!(out[0]["records"], json!(["1"]));
     assert_eq!(out[0]["value"], "");
     assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
@@ -249,12 +267,14 @@ async fn a_mixed_batch_gets_one_result_per_item_in_order() {
         &[("mobile", "4155550102"), ("optout_at", "2026-01-01 00:00:00")],
     ))
     .await;
-    let help = item(3, "+14155550101", EventKind::Help, november());
-    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101"), opt_in(2, "+14155550102"), help]).await.unwrap();
+    let out = sink(&fake, |_| {})
+        .converge(&[opt_out("+14155550101"), opt_in("+14155550102"), opt_in("+14155550109")], None)
+        .await
+        .unwrap();
     assert_eq!(out.len(), 3);
-    assert_eq!(out[0], json!({"records": ["1"], "matched": 1, "value": "2026-11-23 09:15:07"}));
-    assert_eq!(out[1], json!({"records": ["2"], "matched": 1, "value": ""}));
-    assert_eq!(out[2]["records"], json!([]));
+    assert_eq!(out[0], json!({"records": ["1"], "written": ["1"], "unchanged": 0, "value": "2026-11-23 09:15:07"}));
+    assert_eq!(out[1], json!({"records": ["2"], "written": ["2"], "unchanged": 0, "value": ""}));
+    assert_eq!(out[2], json!({"records": [], "written": [], "unchanged": 0}));
     assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
     assert_eq!(fake.value("2", None, "optout_at").as_deref(), Some(""));
     assert_eq!(imported_rows(&fake).len(), 2);
@@ -279,26 +299,34 @@ async fn longitudinal_with_phone_event_and_optout_event() {
         c.phone_event = Some("enrolment_arm_1".into());
         c.optout_event = Some("consent_arm_1".into());
     });
-    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
     // Only the enrolment phone is read: record 2's follow-up number is not.
     assert_eq!(
         out[0],
-        json!({"records": ["1"], "matched": 1, "events": ["consent_arm_1"], "value": "2026-11-23 09:15"})
+        json!({"records": ["1"], "written": ["1"], "unchanged": 0, "events": ["consent_arm_1"], "value": "2026-11-23 09:15"})
     );
     assert_eq!(fake.value("1", Some("consent_arm_1"), "optout_at").as_deref(), Some("2026-11-23 09:15"));
     assert_eq!(fake.value("1", Some("enrolment_arm_1"), "optout_at").as_deref(), Some(""));
     assert_eq!(fake.value("1", Some("enrolment_arm_1"), "first_name").as_deref(), Some("Ada"));
     assert_eq!(fake.value("2", Some("consent_arm_1"), "optout_at"), None);
+    // The phone's event, and the opt-out event for what it holds there.
     let log = fake.call_log();
     let export = log.iter().find(|c| c.kind == CallKind::Export).unwrap();
     assert_eq!(export.param("events[0]"), Some("enrolment_arm_1"));
+    assert_eq!(export.param("events[1]"), Some("consent_arm_1"));
+
+    // So the same convergence again sees the stamp in the opt-out event and writes nothing.
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(out[0]["written"], json!([]));
+    assert_eq!(out[0]["unchanged"], 1);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
 }
 
 #[tokio::test]
 async fn longitudinal_with_phone_event_only_writes_in_that_event() {
     let fake = FakeRedcap::start(longitudinal()).await;
     let sink = sink(&fake, |c| c.phone_event = Some("followup_arm_1".into()));
-    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
     assert_eq!(out[0]["records"], json!(["2"]));
     assert_eq!(out[0]["events"], json!(["followup_arm_1"]));
     assert_eq!(fake.value("2", Some("followup_arm_1"), "optout_at").as_deref(), Some("2026-11-23 09:15"));
@@ -309,7 +337,7 @@ async fn longitudinal_with_phone_event_only_writes_in_that_event() {
 #[tokio::test]
 async fn longitudinal_without_events_reads_every_event_and_writes_where_the_phone_matched() {
     let fake = FakeRedcap::start(longitudinal()).await;
-    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    let out = sink(&fake, |_| {}).converge(&[opt_out("+14155550101")], None).await.unwrap();
     assert_eq!(out[0]["records"], json!(["1", "2"]));
     assert_eq!(out[0]["events"], json!(["enrolment_arm_1", "followup_arm_1"]));
     assert_eq!(fake.value("1", Some("enrolment_arm_1"), "optout_at").as_deref(), Some("2026-11-23 09:15"));
@@ -326,7 +354,7 @@ async fn longitudinal_optout_event_gets_one_write_per_record() {
     let project = longitudinal().with_record("1", Some("followup_arm_1"), &[("mobile", "4155550101")]);
     let fake = FakeRedcap::start(project).await;
     let sink = sink(&fake, |c| c.optout_event = Some("consent_arm_1".into()));
-    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
     assert_eq!(out[0]["records"], json!(["1", "2"]));
     assert_eq!(out[0]["events"], json!(["consent_arm_1"]));
     let rows = imported_rows(&fake);
@@ -336,7 +364,7 @@ async fn longitudinal_optout_event_gets_one_write_per_record() {
         assert_eq!(fake.value(r, Some("consent_arm_1"), "optout_at").as_deref(), Some("2026-11-23 09:15"));
     }
     // Then an opt-in clears it again.
-    sink.apply(&[opt_in(2, "+14155550101")]).await.unwrap();
+    sink.converge(&[opt_in("+14155550101")], None).await.unwrap();
     for r in ["1", "2"] {
         assert_eq!(fake.value(r, Some("consent_arm_1"), "optout_at").as_deref(), Some(""));
     }
@@ -346,7 +374,7 @@ async fn longitudinal_optout_event_gets_one_write_per_record() {
 async fn an_unknown_event_is_misconfigured() {
     let fake = FakeRedcap::start(longitudinal()).await;
     let sink = sink(&fake, |c| c.phone_event = Some("baseline_arm_9".into()));
-    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+    match sink.converge(&[opt_out("+14155550101")], None).await {
         Err(SinkError::Misconfigured(m)) => assert!(m.contains("baseline_arm_9"), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -354,30 +382,31 @@ async fn an_unknown_event_is_misconfigured() {
 }
 
 #[tokio::test]
-async fn a_500_is_transient() {
+async fn a_500_on_a_read_is_transient() {
     let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
     fake.set_fault(Fault::Status500);
     let sink = sink(&fake, |_| {});
-    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+    match sink.converge(&[opt_out("+14155550101")], None).await {
         Err(SinkError::Transient { message, retry_after }) => {
             assert!(message.contains("500"), "{message}");
             assert_eq!(retry_after, None);
         }
         other => panic!("{other:?}"),
     }
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
     // Once REDCap is back the same batch goes through.
-    fake.set_fault(Fault::None);
-    sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    fake.clear_fault();
+    sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
     assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
 }
 
 #[tokio::test]
-async fn a_timeout_is_transient() {
+async fn a_read_that_times_out_is_transient() {
     let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
     // Held far longer than the client waits: only the client's own timeout ends the call.
     fake.set_fault(Fault::Timeout(Duration::from_secs(600)));
     let sink = sink(&fake, |c| c.request_timeout = Duration::from_millis(300));
-    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+    match sink.converge(&[opt_out("+14155550101")], None).await {
         Err(SinkError::Transient { message, .. }) => assert!(message.contains("did not answer"), "{message}"),
         other => panic!("{other:?}"),
     }
@@ -396,7 +425,7 @@ async fn an_unreachable_redcap_is_transient() {
     })
     .await;
     let sink = RedcapSink::new(&config(&url, |_| {}), country::Id::US).unwrap();
-    assert!(matches!(sink.apply(&[opt_out(1, "+14155550101")]).await, Err(SinkError::Transient { .. })));
+    assert!(matches!(sink.converge(&[opt_out("+14155550101")], None).await, Err(SinkError::Transient { .. })));
 }
 
 #[tokio::test]
@@ -404,7 +433,7 @@ async fn a_refused_token_is_misconfigured_and_never_echoed() {
     let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
     fake.set_fault(Fault::BadToken);
     let sink = sink(&fake, |_| {});
-    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+    match sink.converge(&[opt_out("+14155550101")], None).await {
         Err(SinkError::Misconfigured(m)) => {
             assert!(m.starts_with("REDCap refused the API token (403): You do not have permissions"), "{m}");
             assert!(!m.contains(TOKEN));
@@ -414,7 +443,7 @@ async fn a_refused_token_is_misconfigured_and_never_echoed() {
     // A real token mismatch reads the same.
     fake.set_fault(Fault::None);
     fake.set_token("ZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZ");
-    match sink.apply(&[opt_out(1, "+14155550101")]).await {
+    match sink.converge(&[opt_out("+14155550101")], None).await {
         Err(SinkError::Misconfigured(m)) => assert!(m.contains("403") && !m.contains(TOKEN), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -425,7 +454,7 @@ async fn a_refused_token_is_misconfigured_and_never_echoed() {
 async fn a_429_is_transient_with_retry_after() {
     let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
     fake.set_fault(Fault::Status429);
-    match sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101")]).await {
+    match sink(&fake, |_| {}).converge(&[opt_out("+14155550101")], None).await {
         Err(SinkError::Transient { message, retry_after }) => {
             assert_eq!(retry_after, Some(Duration::from_secs(60)));
             assert!(message.contains("429"), "{message}");
@@ -439,11 +468,11 @@ async fn a_429_is_transient_with_retry_after() {
 #[tokio::test]
 async fn unknown_fields_are_misconfigured() {
     let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
-    match sink(&fake, |c| c.optout_field = "opted_out".into()).apply(&[opt_out(1, "+14155550101")]).await {
+    match sink(&fake, |c| c.optout_field = "opted_out".into()).converge(&[opt_out("+14155550101")], None).await {
         Err(SinkError::Misconfigured(m)) => assert!(m.contains("opted_out"), "{m}"),
         other => panic!("{other:?}"),
     }
-    match sink(&fake, |c| c.phone_field = "cell".into()).apply(&[opt_out(1, "+14155550101")]).await {
+    match sink(&fake, |c| c.phone_field = "cell".into()).converge(&[opt_out("+14155550101")], None).await {
         Err(SinkError::Misconfigured(m)) => assert!(m.contains("cell"), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -457,7 +486,7 @@ async fn a_date_only_field_is_misconfigured() {
     for validation in ["date_ymd", "date_mdy", "date_dmy"] {
         let fake = FakeRedcap::start(classic(validation).with_record("1", None, &[("mobile", "4155550101")])).await;
         for format in [TimestampFormat::Auto, TimestampFormat::Minutes] {
-            match sink(&fake, |c| c.timestamp_format = format).apply(&[opt_out(1, "+14155550101")]).await {
+            match sink(&fake, |c| c.timestamp_format = format).converge(&[opt_out("+14155550101")], None).await {
                 Err(SinkError::Misconfigured(m)) => assert!(m.contains(validation) && m.contains("date-only"), "{m}"),
                 other => panic!("{other:?}"),
             }
@@ -481,7 +510,7 @@ async fn the_record_id_field_comes_from_the_metadata() {
         c.phone_field = "phone_cell".into();
         c.optout_field = "sms_stop".into();
     });
-    let out = sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
     assert_eq!(out[0]["records"], json!(["P-0042"]));
     assert_eq!(fake.value("P-0042", None, "sms_stop").as_deref(), Some("2026-11-23 09:15:07"));
     assert_eq!(imported_rows(&fake), [json!({"participant_code": "P-0042", "sms_stop": "2026-11-23 09:15:07"})]);
@@ -509,9 +538,9 @@ async fn a_batch_of_500_costs_one_export_and_one_import() {
     let fake = FakeRedcap::start(project).await;
     let sink = sink(&fake, |_| {});
     // Every other record's number opts out.
-    let items: Vec<DeliveryItem> = (0..500).map(|k| opt_out(k as i64, &nums[2 * k].1)).collect();
+    let items: Vec<Convergence> = (0..500).map(|k| opt_out(&nums[2 * k].1)).collect();
 
-    let out = sink.apply(&items).await.unwrap();
+    let out = sink.converge(&items, None).await.unwrap();
 
     assert_eq!(out.len(), 500);
     for (k, r) in out.iter().enumerate() {
@@ -526,29 +555,41 @@ async fn a_batch_of_500_costs_one_export_and_one_import() {
         assert_eq!(fake.value(&(i + 1).to_string(), None, "optout_at").as_deref(), Some(want), "record {}", i + 1);
     }
 
+    // The same batch again: every field holds its target, so an export and nothing else.
+    let out = sink.converge(&items, None).await.unwrap();
+    assert!(out.iter().all(|r| r["written"] == json!([]) && r["unchanged"] == 1), "{:?}", &out[..2]);
+    assert_eq!(fake.calls(), 4);
+
     // The next batch reuses the cached metadata: two record calls only.
-    let items: Vec<DeliveryItem> = (0..500).map(|k| opt_in(k as i64, &nums[2 * k].1)).collect();
-    sink.apply(&items).await.unwrap();
+    let items: Vec<Convergence> = (0..500).map(|k| opt_in(&nums[2 * k].1)).collect();
+    sink.converge(&items, None).await.unwrap();
     assert_eq!(fake.calls_of(CallKind::Metadata), 1);
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(fake.calls(), 6);
     assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
 }
 
 #[tokio::test]
 async fn the_rate_limiter_spaces_every_call() {
-    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let fake = FakeRedcap::start(
+        classic("")
+            .with_record("1", None, &[("mobile", "4155550101")])
+            .with_record("2", None, &[("mobile", "4155550102")])
+            .with_record("3", None, &[("mobile", "4155550103")]),
+    )
+    .await;
     // 600/min: one call per 100 ms.
     let sink = sink(&fake, |c| c.max_calls_per_minute = 600);
     let started = Instant::now();
-    sink.apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
     assert_eq!(fake.calls(), 3);
     assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
 
-    // Clones share the budget: two concurrent batches (2 calls each) take 3 more slots after the last one.
+    // Clones share the budget: two concurrent batches (an export and an
+    // import each, on records of their own) take 4 slots, 3 after the last one.
     let other = sink.clone();
     let started = Instant::now();
-    let (first, second) = ([opt_in(2, "+14155550101")], [opt_out(3, "+14155550101")]);
-    let (a, b) = tokio::join!(sink.apply(&first), other.apply(&second));
+    let (first, second) = ([opt_out("+14155550102")], [opt_out("+14155550103")]);
+    let (a, b) = tokio::join!(sink.converge(&first, None), other.converge(&second, None));
     a.unwrap();
     b.unwrap();
     assert_eq!(fake.calls(), 7);
@@ -565,6 +606,373 @@ async fn the_rate_limiter_spaces_every_call() {
         "{made} calls in {:?}",
         started.elapsed()
     );
+}
+
+// Compare-and-write: only what differs from the target is written.
+
+#[tokio::test]
+async fn converging_twice_to_the_same_target_makes_no_second_import() {
+    let fake = FakeRedcap::start(
+        classic("datetime_seconds_ymd").with_record("1", None, &[("mobile", "4155550101")]).with_record(
+            "2",
+            None,
+            &[("mobile", "(415) 555-0101")],
+        ),
+    )
+    .await;
+    let sink = sink(&fake, |_| {});
+    let first = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(written(&first[0]), ["1", "2"]);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+
+    let again = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(again[0], json!({"records": ["1", "2"], "written": [], "unchanged": 2, "value": "2026-11-23 09:15:07"}));
+    assert_eq!(fake.calls_of(CallKind::Import), 1, "nothing differs, nothing imported");
+    assert_eq!(fake.calls_of(CallKind::Export), 2);
+
+    // One record changed by hand: only that one is written back.
+    fake.set_value("2", None, "optout_at", "2026-01-01 00:00:00");
+    let repaired = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(written(&repaired[0]), ["2"]);
+    assert_eq!(repaired[0]["unchanged"], 1);
+    assert_eq!(imported_rows(&fake).len(), 3, "two rows, then one");
+    assert_eq!(fake.value("2", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+}
+
+#[tokio::test]
+async fn an_opt_in_on_a_blank_field_makes_no_import() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let out = sink(&fake, |_| {}).converge(&[opt_in("+14155550101")], None).await.unwrap();
+    assert_eq!(out[0], json!({"records": ["1"], "written": [], "unchanged": 1, "value": ""}));
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+}
+
+#[tokio::test]
+async fn a_stamp_redcap_normalised_is_not_written_again() {
+    // Minutes written into a seconds field come back as `HH:MM:00`; seconds
+    // written into a minutes field come back without them. Neither differs.
+    for (validation, format, stored) in [
+        ("datetime_seconds_ymd", TimestampFormat::Minutes, "2026-11-23 09:15:00"),
+        ("datetime_ymd", TimestampFormat::Seconds, "2026-11-23 09:15"),
+    ] {
+        let fake = FakeRedcap::start(classic(validation).with_record("1", None, &[("mobile", "4155550101")])).await;
+        let sink = sink(&fake, |c| c.timestamp_format = format);
+        sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+        assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(stored), "{validation}");
+        let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+        assert_eq!(out[0]["unchanged"], 1, "{validation}");
+        assert_eq!(fake.calls_of(CallKind::Import), 1, "{validation}");
+    }
+}
+
+#[tokio::test]
+async fn whatever_else_the_field_holds_is_overwritten_by_the_target() {
+    let fake =
+        FakeRedcap::start(
+            classic("")
+                .with_record("1", None, &[("mobile", "4155550101"), ("optout_at", "yes (phoned us)")])
+                .with_record("2", None, &[("mobile", "4155550102"), ("optout_at", "2026-01-01 08:00:00")]),
+        )
+        .await;
+    let sink = sink(&fake, |_| {});
+    let later = Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap();
+    let out = sink.converge(&[opt_out("+14155550101"), opted_out("+14155550102", later)], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+    assert_eq!(written(&out[1]), ["2"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+    assert_eq!(fake.value("2", None, "optout_at").as_deref(), Some("2026-12-01 07:00:00"));
+}
+
+#[tokio::test]
+async fn a_record_with_two_numbers_stays_stamped_when_one_opts_in() {
+    // Record 1 holds both numbers (two contacts); the opt-out field is on the record row.
+    let fake = FakeRedcap::start(repeating("consent")).await;
+    fake.set_value("1", None, "optout_at", "2026-01-01 00:00:00");
+    let sink = sink(&fake, |_| {});
+    let out = sink.converge(&[opt_in("+14155550199"), opt_out("+14155550101")], None).await.unwrap();
+    // The opt-out decides record 1's field: texting someone who said STOP is the harm to avoid.
+    assert_eq!(out[0], json!({"records": ["1"], "written": [], "unchanged": 1, "value": ""}));
+    assert_eq!(written(&out[1]), ["1", "2"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+}
+
+#[tokio::test]
+async fn a_repeating_instance_already_stamped_is_left_alone() {
+    let fake = FakeRedcap::start(repeating("contacts")).await;
+    let sink = sink(&fake, |_| {});
+    sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(out[0]["unchanged"], 2);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+}
+
+// Uncertainty: a write whose outcome is unknown says so, and running the
+// same convergence again is the re-check.
+
+#[tokio::test]
+async fn a_timed_out_import_is_uncertain_and_the_next_convergence_repairs_its_late_landing() {
+    let fake =
+        FakeRedcap::start(classic("datetime_seconds_ymd").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |c| c.request_timeout = Duration::from_millis(300));
+    let first_stop = november();
+    let second_stop = Utc.with_ymd_and_hms(2026, 11, 24, 10, 0, 0).unwrap();
+    sink.converge(&[opted_out("+14155550101", first_stop)], None).await.unwrap();
+
+    // A START whose import times out; REDCap runs it anyway, 3 s after it arrived.
+    fake.apply_late_next_import(Duration::from_secs(3));
+    match sink.converge(&[opt_in("+14155550101")], None).await {
+        Err(SinkError::Uncertain(m)) => {
+            assert!(m.contains("did not answer the record import") && m.contains("may still apply"), "{m}");
+            assert!(!m.contains(TOKEN));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The person texts STOP again before the START lands.
+    let out = sink.converge(&[opted_out("+14155550101", second_stop)], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-24 05:00:00"));
+
+    // The late START lands and clears the field...
+    eventually("the timed-out START applied", || async { fake.late_imports_applied() == 1 }).await;
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
+    // ...and the relay's re-check (the same convergence) stamps it back.
+    let imports = fake.calls_of(CallKind::Import);
+    let out = sink.converge(&[opted_out("+14155550101", second_stop)], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-24 05:00:00"));
+    assert_eq!(fake.calls_of(CallKind::Import), imports + 1);
+    // Converged: the next re-check writes nothing.
+    sink.converge(&[opted_out("+14155550101", second_stop)], None).await.unwrap();
+    assert_eq!(fake.calls_of(CallKind::Import), imports + 1);
+}
+
+#[tokio::test]
+async fn a_500_on_import_is_uncertain_while_a_500_on_export_is_transient() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |_| {});
+    fake.fail_next(CallKind::Export, Fault::Status500);
+    match sink.converge(&[opt_out("+14155550101")], None).await {
+        Err(SinkError::Transient { message, .. }) => assert!(message.contains("500"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.calls_of(CallKind::Import), 0, "a failed read writes nothing");
+
+    fake.fail_next(CallKind::Import, Fault::Status500);
+    match sink.converge(&[opt_out("+14155550101")], None).await {
+        Err(SinkError::Uncertain(m)) => assert!(m.contains("500") && m.contains("record import"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The re-check finds the field still blank (this 500 wrote nothing) and writes it.
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+}
+
+#[tokio::test]
+async fn a_short_import_count_is_uncertain() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")]).with_record(
+        "2",
+        None,
+        &[("mobile", "4155550101")],
+    ))
+    .await;
+    let sink = sink(&fake, |_| {});
+    fake.fail_next(CallKind::Import, Fault::ShortCount);
+    match sink.converge(&[opt_out("+14155550101")], None).await {
+        Err(SinkError::Uncertain(m)) => assert!(m.contains("1 record(s) updated of 2 sent"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The re-check writes only the record that was not saved.
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(written(&out[0]), ["2"]);
+    assert_eq!(out[0]["unchanged"], 1);
+}
+
+#[tokio::test]
+async fn an_import_whose_answer_is_cut_off_is_uncertain() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |_| {});
+    fake.fail_next(CallKind::Import, Fault::CutAfterApply);
+    match sink.converge(&[opt_out("+14155550101")], None).await {
+        Err(SinkError::Uncertain(m)) => assert!(m.contains("record import") && m.contains("may have been"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // It was applied: the re-check sees the stamp and writes nothing.
+    let out = sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    assert_eq!(out[0]["unchanged"], 1);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+}
+
+#[tokio::test]
+async fn an_import_during_an_outage_is_uncertain_only_once_it_may_have_run() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |c| c.request_timeout = Duration::from_millis(300));
+    // Metadata cached, then REDCap hangs: the export times out, nothing written: transient.
+    sink.converge(&[opt_in("+14155550101")], None).await.unwrap();
+    fake.set_fault(Fault::Timeout(Duration::from_secs(600)));
+    assert!(matches!(sink.converge(&[opt_out("+14155550101")], None).await, Err(SinkError::Transient { .. })));
+    // An export that works, then an import that hangs: uncertain.
+    fake.fail_next(CallKind::Export, Fault::None);
+    assert!(matches!(sink.converge(&[opt_out("+14155550101")], None).await, Err(SinkError::Uncertain(_))));
+    fake.clear_fault();
+}
+
+// Leases: nothing is started that could not finish before the lease runs out.
+
+#[tokio::test]
+async fn a_deadline_too_close_makes_no_call_at_all() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |c| c.request_timeout = Duration::from_secs(5));
+    match sink.converge(&[opt_out("+14155550101")], in_(Duration::from_secs(4))).await {
+        Err(SinkError::Transient { message, retry_after: None }) => {
+            assert_eq!(message, "lease would run out before the write could finish; left for the next pass")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.calls(), 0);
+    // Already past: the same.
+    let past = Some(tokio::time::Instant::now());
+    assert!(matches!(sink.converge(&[opt_out("+14155550101")], past).await, Err(SinkError::Transient { .. })));
+    assert_eq!(fake.calls(), 0);
+    // With the worst case left, it goes through.
+    let out = sink.converge(&[opt_out("+14155550101")], in_(sink.worst_case_batch())).await.unwrap();
+    assert_eq!(written(&out[0]), ["1"]);
+}
+
+#[tokio::test]
+async fn a_lease_that_runs_short_during_the_export_stops_before_the_import() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |c| c.request_timeout = Duration::from_secs(2));
+    // 3 s of lease: enough to start the metadata read and the export, but the
+    // export takes 1.5 s, and then less than the 2 s timeout is left.
+    fake.delay_next(CallKind::Export, Duration::from_millis(1500));
+    match sink.converge(&[opt_out("+14155550101")], in_(Duration::from_secs(3))).await {
+        Err(SinkError::Transient { message, .. }) => assert!(message.starts_with("lease would run out"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+    assert_eq!(fake.calls_of(CallKind::Import), 0);
+    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn the_worst_case_batch_covers_three_calls_and_their_limiter_waits() {
+    let fake = FakeRedcap::start(classic("")).await;
+    let sink = sink(&fake, |c| {
+        c.request_timeout = Duration::from_secs(10);
+        c.max_calls_per_minute = 30;
+    });
+    assert_eq!(sink.request_timeout(), Duration::from_secs(10));
+    assert_eq!(sink.worst_case_batch(), Duration::from_secs(3 * (10 + 2)));
+}
+
+// Resync: stamps what an opted-out phone's records lack, never clears.
+
+#[tokio::test]
+async fn resync_stamps_blank_and_differing_fields_and_never_clears() {
+    let fake = FakeRedcap::start(
+        classic("datetime_seconds_ymd")
+            // Opted out, blank: stamped.
+            .with_record("1", None, &[("mobile", "4155550101")])
+            // Opted out, another time: stamped with the list's.
+            .with_record("2", None, &[("mobile", "(415) 555-0101"), ("optout_at", "2026-01-01 08:00:00")])
+            // Opted out, already right: left alone.
+            .with_record("3", None, &[("mobile", "4155550102"), ("optout_at", "2026-11-23 09:15:07")])
+            // Not on the list, stamped by staff: stays.
+            .with_record("4", None, &[("mobile", "4155550199"), ("optout_at", "2026-02-02 10:00:00")])
+            // Not on the list, blank: stays blank.
+            .with_record("5", None, &[("mobile", "4155550198")]),
+    )
+    .await;
+    let sink = sink(&fake, |_| {});
+    let list = [(phone("+14155550101"), november()), (phone("+14155550102"), november())];
+    let report = sink.resync(&list).await.unwrap();
+    assert_eq!(report, ResyncReport { phones: 2, records_matched: 3, records_stamped: 2 });
+    assert_eq!(
+        serde_json::to_value(&report).unwrap(),
+        json!({"phones": 2, "records_matched": 3, "records_stamped": 2})
+    );
+    for r in ["1", "2", "3"] {
+        assert_eq!(fake.value(r, None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"), "{r}");
+    }
+    assert_eq!(fake.value("4", None, "optout_at").as_deref(), Some("2026-02-02 10:00:00"));
+    assert_eq!(fake.value("5", None, "optout_at").as_deref(), Some(""));
+    // One export, one import of only the two that differed, never an overwrite (which could clear).
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+    let log = fake.call_log();
+    let import = log.iter().find(|c| c.kind == CallKind::Import).unwrap();
+    assert_eq!(import.param("overwriteBehavior"), Some("normal"));
+    let mut rows = imported_rows(&fake);
+    rows.sort_by_key(|r| r["study_id"].as_str().unwrap().to_owned());
+    assert_eq!(
+        rows,
+        [
+            json!({"study_id": "1", "optout_at": "2026-11-23 09:15:07"}),
+            json!({"study_id": "2", "optout_at": "2026-11-23 09:15:07"})
+        ]
+    );
+
+    // Run again: nothing differs, nothing imported.
+    let report = sink.resync(&list).await.unwrap();
+    assert_eq!(report.records_stamped, 0);
+    assert_eq!(fake.calls_of(CallKind::Import), 1);
+}
+
+#[tokio::test]
+async fn resync_stamps_a_record_added_after_the_stop() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |_| {});
+    sink.converge(&[opt_out("+14155550101")], None).await.unwrap();
+    // Enrolled later with the same number (and a number typed into an existing record).
+    fake.set_value("7", None, "mobile", "+1 415 555 0101");
+    fake.set_value("1", None, "notes", "enrolled before");
+    let report = sink.resync(&[(phone("+14155550101"), november())]).await.unwrap();
+    assert_eq!(report, ResyncReport { phones: 1, records_matched: 2, records_stamped: 1 });
+    assert_eq!(fake.value("7", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+    assert_eq!(imported_rows(&fake).last().unwrap(), &json!({"study_id": "7", "optout_at": "2026-11-23 09:15:07"}));
+}
+
+#[tokio::test]
+async fn resync_of_no_phones_makes_no_call() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    assert_eq!(sink(&fake, |_| {}).resync(&[]).await.unwrap(), ResyncReport::default());
+    assert_eq!(fake.calls(), 0);
+}
+
+#[tokio::test]
+async fn resync_imports_in_chunks_of_a_thousand_rows() {
+    let nums = numbers(1200);
+    let mut project = classic("datetime_seconds_ymd");
+    for (i, (typed, _)) in nums.iter().enumerate() {
+        project = project.with_record(&(i + 1).to_string(), None, &[("mobile", typed)]);
+    }
+    let fake = FakeRedcap::start(project).await;
+    let list: Vec<(Phone, DateTime<Utc>)> = nums.iter().map(|(_, e164)| (phone(e164), november())).collect();
+    let report = sink(&fake, |_| {}).resync(&list).await.unwrap();
+    assert_eq!(report, ResyncReport { phones: 1200, records_matched: 1200, records_stamped: 1200 });
+    assert_eq!(fake.calls_of(CallKind::Export), 1);
+    let sizes: Vec<usize> = fake
+        .call_log()
+        .iter()
+        .filter(|c| c.kind == CallKind::Import)
+        .map(|c| serde_json::from_str::<Vec<Value>>(c.param("data").unwrap()).unwrap().len())
+        .collect();
+    assert_eq!(sizes, [1000, 200]);
+    assert_eq!(fake.value("1200", None, "optout_at").as_deref(), Some("2026-11-23 09:15:07"));
+}
+
+#[tokio::test]
+async fn a_resync_import_that_fails_is_uncertain() {
+    let fake = FakeRedcap::start(classic("").with_record("1", None, &[("mobile", "4155550101")])).await;
+    let sink = sink(&fake, |_| {});
+    fake.fail_next(CallKind::Import, Fault::Status500);
+    let list = [(phone("+14155550101"), november())];
+    assert!(matches!(sink.resync(&list).await, Err(SinkError::Uncertain(_))));
+    fake.fail_next(CallKind::Export, Fault::Status500);
+    assert!(matches!(sink.resync(&list).await, Err(SinkError::Transient { .. })));
+    assert_eq!(sink.resync(&list).await.unwrap().records_stamped, 1);
 }
 
 fn messages(lines: &[optout_relay::sinks::redcap::CheckLine]) -> String {
@@ -802,7 +1210,7 @@ fn repeating(optout_form: &str) -> FakeProject {
 #[tokio::test]
 async fn a_repeating_phone_with_the_opt_out_field_on_its_instrument_stamps_that_instance() {
     let fake = FakeRedcap::start(repeating("contacts")).await;
-    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    let out = sink(&fake, |_| {}).converge(&[opt_out("+14155550101")], None).await.unwrap();
 
     assert_eq!(out[0]["records"], json!(["1", "2"]));
     let stamp = Some("2026-11-23 09:15:07");
@@ -822,7 +1230,7 @@ async fn a_repeating_phone_with_the_opt_out_field_on_its_instrument_stamps_that_
     );
 
     // And the opt-in clears exactly those instances.
-    sink(&fake, |_| {}).apply(&[opt_in(2, "+14155550101")]).await.unwrap();
+    sink(&fake, |_| {}).converge(&[opt_in("+14155550101")], None).await.unwrap();
     assert_eq!(fake.instance_value("1", None, "contacts", 2, "optout_at").as_deref(), Some(""));
     assert_eq!(fake.instance_value("2", None, "contacts", 1, "optout_at").as_deref(), Some(""));
 }
@@ -830,7 +1238,7 @@ async fn a_repeating_phone_with_the_opt_out_field_on_its_instrument_stamps_that_
 #[tokio::test]
 async fn a_repeating_phone_with_the_opt_out_field_on_a_plain_form_stamps_the_record_row() {
     let fake = FakeRedcap::start(repeating("consent")).await;
-    let out = sink(&fake, |_| {}).apply(&[opt_out(1, "+14155550101")]).await.unwrap();
+    let out = sink(&fake, |_| {}).converge(&[opt_out("+14155550101")], None).await.unwrap();
 
     assert_eq!(out[0]["records"], json!(["1", "2"]));
     let stamp = Some("2026-11-23 09:15:07");
@@ -904,26 +1312,6 @@ async fn the_fake_applies_a_late_import_after_the_client_gave_up() {
     let log = fake.call_log();
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].fault, Fault::LateApply(Duration::from_millis(100)));
-}
-
-#[tokio::test]
-async fn a_start_that_times_out_can_still_land_in_redcap() {
-    // The hazard the relay has to live with: its import timed out, it will
-    // retry, and meanwhile REDCap applied the write anyway.
-    let fake = FakeRedcap::start(classic("datetime_seconds_ymd").with_record(
-        "1",
-        None,
-        &[("mobile", "4155550101"), ("optout_at", "2026-11-23 09:15:07")],
-    ))
-    .await;
-    fake.apply_late_next_import(Duration::ZERO);
-    let sink = sink(&fake, |c| c.request_timeout = Duration::from_millis(300));
-    match sink.apply(&[opt_in(1, "+14155550101")]).await {
-        Err(SinkError::Transient { message, .. }) => assert!(message.contains("did not answer"), "{message}"),
-        other => panic!("{other:?}"),
-    }
-    eventually("the timed-out START applied", || async { fake.late_imports_applied() == 1 }).await;
-    assert_eq!(fake.value("1", None, "optout_at").as_deref(), Some(""));
 }
 
 #[tokio::test]

@@ -6,12 +6,30 @@
 //! token, an unknown field, a redirect) is `Misconfigured`; what may pass by
 //! itself (timeouts, 5xx, 429, a garbled body) is `Transient`. The token is
 //! scrubbed from every message, though REDCap never echoes it.
+//!
+//! A write (the record import) is classified apart: once its request may
+//! have reached REDCap, a failure no longer means "nothing happened". PHP
+//! runs on after the client hangs up and a proxy's 5xx says nothing of what
+//! the PHP behind it did, so a timeout, a connection lost after connecting,
+//! a 5xx or an unreadable answer is `Uncertain`: the write may land, now or
+//! later, and the relay re-reads rather than assuming either way. Only what
+//! proves nothing was applied stays `Transient` (no connection made, 429:
+//! REDCap's limiter refuses before running the call) or `Misconfigured`
+//! (4xx and `{"error"}` answers: REDCap validates the whole import before
+//! writing any of it).
+//!
+//! A call can be given a deadline (the end of the worker's lease): it is
+//! checked after the limiter wait, right before sending, because that wait
+//! can be long and a write sent by a worker whose lease has run out may land
+//! after a newer worker's write.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
+
+use tokio::time::Instant;
 
 use super::limiter::Limiter;
 use super::SINK_NAME;
@@ -69,6 +87,16 @@ impl Api {
         })
     }
 
+    /// How long one call may take, answer read included.
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The limiter's spacing between two calls.
+    pub(super) fn spacing(&self) -> Duration {
+        self.limiter.interval()
+    }
+
     /// Scheme, host and port of the endpoint: safe to show.
     pub(super) fn host(&self) -> &str {
         &self.host
@@ -76,7 +104,25 @@ impl Api {
 
     /// One API call: waits for the limiter, POSTs the form, classifies the answer.
     pub(super) async fn call(&self, op: Op, params: &[(&str, &str)]) -> Result<Value, SinkError> {
+        self.call_within(op, params, None).await
+    }
+
+    /// [`Api::call`], but refused as transient, without sending anything,
+    /// when less than the request timeout is left before `deadline` once the
+    /// limiter has let the call through: it could not finish in time.
+    pub(super) async fn call_within(
+        &self,
+        op: Op,
+        params: &[(&str, &str)],
+        deadline: Option<Instant>,
+    ) -> Result<Value, SinkError> {
         self.limiter.wait().await;
+        if let Some(deadline) = deadline {
+            if deadline.saturating_duration_since(Instant::now()) < self.timeout {
+                tracing::info!(sink = SINK_NAME, op = op.what(), "REDCap call not started: the lease runs out first");
+                return Err(SinkError::Transient { message: LEASE_TOO_SHORT.to_owned(), retry_after: None });
+            }
+        }
         let mut form: Vec<(&str, &str)> = Vec::with_capacity(params.len() + 3);
         form.push(("token", self.token.expose_secret()));
         form.push(("format", "json"));
@@ -115,20 +161,40 @@ impl Api {
         if e.is_builder() {
             return SinkError::Misconfigured(format!("cannot build the REDCap {}: {e}", op.what()));
         }
-        let message = if e.is_timeout() {
-            format!("REDCap at {} did not answer the {} within {:?}", self.host, op.what(), self.timeout)
-        } else {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            format!("cannot reach REDCap at {} for the {}: {text}", self.host, op.what())
-        };
-        SinkError::Transient { message, retry_after: None }
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        transport_failure(op, &self.host, self.timeout, !e.is_connect(), e.is_timeout(), &text)
     }
+}
+
+/// The message of a call not started because the worker's lease would run out first.
+pub(super) const LEASE_TOO_SHORT: &str = "lease would run out before the write could finish; left for the next pass";
+
+/// What a call that got no complete answer means. `connected`: a connection
+/// was made, so the request may have been sent (reqwest cannot say whether
+/// all of it went out); a write is then uncertain, as REDCap may run it
+/// whatever became of the connection.
+fn transport_failure(op: Op, host: &str, timeout: Duration, connected: bool, timed_out: bool, text: &str) -> SinkError {
+    let what = op.what();
+    if op.writes() && connected {
+        let message = if timed_out {
+            format!("REDCap at {host} did not answer the {what} within {timeout:?}: it may still apply it")
+        } else {
+            format!("the connection to REDCap at {host} failed during the {what} ({text}): it may have been applied")
+        };
+        return SinkError::Uncertain(message);
+    }
+    let message = if timed_out {
+        format!("REDCap at {host} did not answer the {what} within {timeout:?}")
+    } else {
+        format!("cannot reach REDCap at {host} for the {what}: {text}")
+    };
+    SinkError::Transient { message, retry_after: None }
 }
 
 /// The calls the sink makes, for messages and metrics.
@@ -151,6 +217,11 @@ impl Op {
             Op::Export => "export",
             Op::Import => "import",
         }
+    }
+
+    /// Whether the call changes the project, so a failure after sending leaves it uncertain.
+    fn writes(self) -> bool {
+        self == Op::Import
     }
 
     /// What the call is, for messages.
@@ -181,6 +252,9 @@ fn classify(
         200..=299 => match parsed {
             _ if error_text.is_some() => Err(SinkError::Misconfigured(format!("REDCap refused the {what}: {message}"))),
             Some(v) => Ok(v),
+            None if op.writes() => Err(SinkError::Uncertain(format!(
+                "REDCap answered the {what} with a body that is not JSON ({message}): it may have been applied"
+            ))),
             None => Err(SinkError::Transient {
                 message: format!("REDCap answered the {what} with a body that is not JSON: {message}"),
                 retry_after: None,
@@ -200,6 +274,10 @@ fn classify(
         }
         403 => Err(SinkError::Misconfigured(format!("REDCap refused the API token (403): {message}"))),
         400 => Err(SinkError::Misconfigured(format!("REDCap rejected the {what} (400): {message}"))),
+        // A proxy's 504 or a PHP fatal error says nothing of what REDCap wrote before it.
+        408 | 500..=599 if op.writes() => Err(SinkError::Uncertain(format!(
+            "REDCap answered {status} to the {what} ({message}): it may have been applied, in part or whole"
+        ))),
         408 | 500..=599 => Err(SinkError::Transient {
             message: format!("REDCap answered {status} to the {what}: {message}"),
             retry_after,
@@ -292,21 +370,21 @@ impl Metadata {
 
 /// Whether an import's `{"count": N}` (distinct records written) covers the
 /// `sent` distinct records. A lower or unreadable count means some rows may
-/// not have been written, so the batch fails as transient and is sent again:
-/// re-importing the same values is idempotent in REDCap, and a delivery left
-/// pending with this message is what an operator sees. A higher count is
-/// fine: everything sent was written.
+/// or may not have been written, so the write is uncertain: the relay reads
+/// the records again and writes what still differs. A higher count is fine:
+/// everything sent was written.
 pub(super) fn confirm_import(answer: &Value, sent: usize) -> Result<(), SinkError> {
     let count = answer.get("count").and_then(|c| c.as_u64().or_else(|| c.as_str()?.trim().parse().ok()));
     let message = match count {
         Some(n) if n >= sent as u64 => return Ok(()),
-        Some(n) => format!("REDCap's import reported {n} record(s) updated of {sent} sent; retrying"),
+        Some(n) => format!("REDCap's import reported {n} record(s) updated of {sent} sent: some may not be written"),
         None => format!(
-            "REDCap's import answer holds no readable record count ({}) for {sent} record(s) sent; retrying",
+            "REDCap's import answer holds no readable record count ({}) for {sent} record(s) sent: some may not be \
+             written",
             snippet(&answer.to_string())
         ),
     };
-    Err(SinkError::Transient { message, retry_after: None })
+    Err(SinkError::Uncertain(message))
 }
 
 #[cfg(test)]
@@ -371,23 +449,24 @@ mod tests {
     }
 
     #[test]
-    fn a_short_import_count_is_a_transient_failure_that_says_so() {
+    fn a_short_import_count_is_uncertain_and_says_so() {
         for answer in [json!({"count": 1}), json!({"count": "1"})] {
             match confirm_import(&answer, 3) {
-                Err(SinkError::Transient { message, retry_after: None }) => {
-                    assert_eq!(message, "REDCap's import reported 1 record(s) updated of 3 sent; retrying")
-                }
+                Err(SinkError::Uncertain(message)) => assert_eq!(
+                    message,
+                    "REDCap's import reported 1 record(s) updated of 3 sent: some may not be written"
+                ),
                 other => panic!("{answer}: {other:?}"),
             }
         }
-        assert!(matches!(confirm_import(&json!({"count": 0}), 1), Err(SinkError::Transient { .. })));
+        assert!(matches!(confirm_import(&json!({"count": 0}), 1), Err(SinkError::Uncertain(_))));
     }
 
     #[test]
-    fn a_missing_or_garbled_import_count_is_a_transient_failure() {
+    fn a_missing_or_garbled_import_count_is_uncertain() {
         for answer in [json!({}), json!([]), json!({"count": null}), json!({"count": "three"}), json!({"count": -1})] {
             match confirm_import(&answer, 2) {
-                Err(SinkError::Transient { message, retry_after: None }) => {
+                Err(SinkError::Uncertain(message)) => {
                     assert!(
                         message.contains("no readable record count") && message.contains("2 record(s)"),
                         "{message}"
@@ -396,5 +475,48 @@ mod tests {
                 other => panic!("{answer}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_import_that_may_have_run_is_uncertain() {
+        let op = Op::Import;
+        for (status, body) in [(500, "oops"), (502, ""), (503, "<html>"), (504, "Gateway Time-out"), (408, "")] {
+            match classify(op, status, None, None, body) {
+                Err(SinkError::Uncertain(m)) => {
+                    assert!(m.contains(&status.to_string()) && m.contains("record import"), "{m}")
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+        assert!(matches!(classify(op, 200, None, None, "<html>"), Err(SinkError::Uncertain(_))));
+        // What proves nothing was written stays as it was.
+        assert!(matches!(classify(op, 429, None, None, "banned"), Err(SinkError::Transient { .. })));
+        assert!(matches!(classify(op, 400, None, None, r#"{"error":"bad"}"#), Err(SinkError::Misconfigured(_))));
+        assert!(matches!(classify(op, 403, None, None, ""), Err(SinkError::Misconfigured(_))));
+        assert!(matches!(classify(op, 200, None, None, r#"{"error":"x"}"#), Err(SinkError::Misconfigured(_))));
+        // Reads are never uncertain.
+        for read in [Op::Export, Op::Metadata, Op::Project, Op::Events] {
+            assert!(matches!(classify(read, 500, None, None, ""), Err(SinkError::Transient { .. })), "{read:?}");
+        }
+    }
+
+    #[test]
+    fn a_lost_connection_leaves_only_a_sent_write_uncertain() {
+        let t = Duration::from_secs(5);
+        let host = "https://redcap.example.org";
+        match transport_failure(Op::Import, host, t, true, true, "timed out") {
+            SinkError::Uncertain(m) => assert_eq!(
+                m,
+                "REDCap at https://redcap.example.org did not answer the record import within 5s: it may still \
+                 apply it"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(transport_failure(Op::Import, host, t, true, false, "reset"), SinkError::Uncertain(_)));
+        // No connection: nothing was sent.
+        assert!(matches!(transport_failure(Op::Import, host, t, false, false, "refused"), SinkError::Transient { .. }));
+        assert!(matches!(transport_failure(Op::Import, host, t, false, true, "connect"), SinkError::Transient { .. }));
+        // A read that timed out wrote nothing.
+        assert!(matches!(transport_failure(Op::Export, host, t, true, true, "x"), SinkError::Transient { .. }));
     }
 }

@@ -101,6 +101,9 @@ impl RedcapSink {
             .into_iter()
             .filter_map(|(name, ev)| ev.as_deref().map(|e| (name, e)))
             .collect();
+        // The opt-out field is exported below only where the export cannot
+        // fail on a bad optout_event already reported above.
+        let mut optout_event_ok = self.optout_event.is_none();
         if !longitudinal {
             if configured.is_empty() {
                 out.push(CheckLine::ok("project is classic (not longitudinal)"));
@@ -120,6 +123,7 @@ impl RedcapSink {
                             .unwrap_or_default();
                         for (name, ev) in &configured {
                             if names.contains(*ev) {
+                                optout_event_ok |= *name == "optout_event";
                                 out.push(CheckLine::ok(format!("{name} `{ev}` exists")));
                             } else {
                                 out.push(CheckLine::fail(format!(
@@ -150,10 +154,14 @@ impl RedcapSink {
         }
 
         // Reading the phones proves the export right, and that it is not a
-        // de-identified one (which silently drops identifiers such as phones).
+        // de-identified one (which silently drops identifiers such as phones);
+        // reading the opt-out field too proves the sink can compare before it
+        // writes (REDCap leaves out fields of instruments the user may not export).
         if meta.fields.contains_key(&self.phone_field) {
-            match self.export_phones(&meta.record_id).await {
-                Ok(v) => match parse_export(&v, &meta.record_id, &self.phone_field) {
+            let optout =
+                (optout_event_ok && meta.fields.contains_key(&self.optout_field)).then_some(self.optout_field.as_str());
+            match self.export(&meta.record_id, optout.is_some(), None).await {
+                Ok(v) => match parse_export(&v, &meta.record_id, &self.phone_field, optout) {
                     Ok(rows) => {
                         let valid = rows.iter().filter(|r| Phone::parse_valid(&r.phone, self.region).is_some()).count();
                         out.push(CheckLine::ok(format!(

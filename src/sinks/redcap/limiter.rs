@@ -28,6 +28,11 @@ impl Limiter {
         }
     }
 
+    /// The spacing between two calls: the longest a lone caller waits.
+    pub(super) fn interval(&self) -> Duration {
+        self.interval
+    }
+
     /// Reserves the next slot, then sleeps until it (the lock is not held while sleeping).
     pub(super) async fn wait(&self) {
         let at = {

@@ -1,57 +1,95 @@
-//! REDCap: stamps or clears the opt-out field on every record whose phone
-//! field holds the person's number. This file is the sink the relay calls;
-//! its parts are the API client (`api`), the call limiter (`limiter`), row
-//! matching (`matching`), timestamp formats (`timestamp`) and
-//! `check-config` (`check`).
+//! REDCap: brings the opt-out field of every record whose phone field holds
+//! a person's number to what the opt-out list says now: the opt-out time
+//! when opted out, blank when opted in. This file is the sink the relay
+//! calls; its parts are the API client (`api`), the call limiter
+//! (`limiter`), the project's metadata (`schema`), the record calls
+//! (`records`), row matching (`matching`), compare-and-write (`compare`),
+//! timestamp formats (`timestamp`) and `check-config` (`check`).
 //!
-//! A batch costs at most two API calls: one export of (record id, phone) for
-//! every record, matched here, then one import of the opt-out field for the
-//! matches (skipped when nothing matched). Matching on our side rather than
-//! with `filterLogic` catches every way a number can be typed and never puts
-//! webhook text into REDCap logic; a blank, short or invalid phone value
-//! never matches, which is the bug of the module this replaces (see
-//! `matching`).
+//! **Converge, compare and write.** A batch ([`RedcapSink::converge`]) costs
+//! at most three calls: the metadata (cached for an hour, so a project
+//! changed under us heals itself), one export of (record id, phone, opt-out
+//! field) for every record, then one import of only the slots whose field
+//! does not already hold its target (none if all do). Matching on our side
+//! rather than with `filterLogic` catches every way a number can be typed and
+//! never puts webhook text into REDCap logic; a blank, short or invalid phone
+//! never matches (the bug of the module this replaces). Writing only what
+//! differs makes a convergence harmless to repeat, which is what the relay
+//! does after any doubt: the same call is the re-check.
 //!
-//! The record-id field (the first field of the metadata) and the opt-out
-//! field's validation come from the project's metadata, fetched once and
-//! cached for an hour (an hour so a project changed under us heals itself).
+//! **Leases.** The relay passes the end of its lease. A call that could not
+//! finish before it is not started (checked after the limiter wait, right
+//! before sending): a write sent by a worker whose lease has run out could
+//! land after a newer worker's write and undo it. [`RedcapSink::worst_case_batch`]
+//! is the lease a batch needs, which the relay checks at start.
+//!
+//! **Uncertainty.** An import that times out, loses its connection, gets a
+//! 5xx or reports fewer records than sent is [`SinkError::Uncertain`]:
+//! REDCap (PHP) may run it anyway, even after the client has given up, so
+//! the relay reads again soon and again once a late request could have
+//! finished. A failed read is only transient: nothing was written.
+//!
+//! **Resync** ([`RedcapSink::resync`]) repairs drift: records enrolled after
+//! the STOP, a number typed in later, writes lost or undone. It stamps every
+//! record of an opted-out phone whose field is blank or differs, and never
+//! clears a field, so a stamp staff typed for a number not on the list stays.
 //!
 //! Every call, retries and `check-config` included, waits its turn at one
 //! spacing limiter: past its per-IP limit REDCap bans the IP for good.
-//!
-//! An import whose record count falls short of the records sent fails the
-//! batch as transient: the deliveries stay pending with that message and are
-//! sent again, which is safe because re-importing the same values changes
-//! nothing.
 
 mod api;
 mod check;
+mod compare;
 mod limiter;
 mod matching;
+mod records;
+mod schema;
 mod timestamp;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use phonenumber::country;
-use serde_json::Value;
+use serde::Serialize;
+use serde_json::{json, Value};
 use tokio::time::Instant;
 
 pub use check::CheckLine;
 
 use self::api::{Api, Metadata, Op};
-use self::matching::{import_rows, normalise, parse_export, plan_writes};
-use self::timestamp::{format_timestamp, timestamp_style, TimestampStyle};
-use super::{DeliveryItem, SinkError};
+use self::compare::{beats, differing, distinct_records, outcomes, Want};
+use self::schema::Schema;
+use self::timestamp::format_timestamp;
+use super::{Convergence, DeliveryItem, SinkError, Target};
 use crate::config::{RedcapConfig, TimestampFormat};
-use crate::domain::EventKind;
+use crate::domain::{EventKind, Phone};
 
 /// The sink's name in the delivery queue.
 pub const SINK_NAME: &str = "redcap";
 
 /// How long the metadata is trusted before it is read again.
 const METADATA_TTL: Duration = Duration::from_secs(3600);
+
+/// The most calls one convergence makes: metadata, export, import.
+const CONVERGE_CALLS: u32 = 3;
+
+/// Rows per import in a resync, which may stamp a whole project at once:
+/// small enough that one import finishes well inside the request timeout.
+const RESYNC_IMPORT_ROWS: usize = 1000;
+
+/// What a resync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ResyncReport {
+    /// Opted-out phones looked for.
+    pub phones: usize,
+    /// Distinct records holding one of them.
+    pub records_matched: usize,
+    /// Distinct records whose field was blank or differed, and was stamped.
+    pub records_stamped: usize,
+}
 
 /// The REDCap client. Cheap to clone; clones share the rate limiter and caches.
 #[derive(Clone)]
@@ -85,6 +123,10 @@ impl RedcapSink {
                 return Err(format!("redcap.{name} is empty"));
             }
         }
+        // The import writes the opt-out field: were it the phone field, it would overwrite the number.
+        if cfg.phone_field.trim() == cfg.optout_field.trim() {
+            return Err("redcap.phone_field and redcap.optout_field must be different fields".to_owned());
+        }
         let api = Api::new(url, cfg.token.clone(), cfg.request_timeout, cfg.max_calls_per_minute)?;
         let non_empty = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
         Ok(RedcapSink {
@@ -100,87 +142,143 @@ impl RedcapSink {
         })
     }
 
-    /// Applies the batch: one export, one import (none if nothing matched).
-    /// Returns one JSON value per item, in order.
-    pub async fn apply(&self, items: &[DeliveryItem]) -> Result<Vec<Value>, SinkError> {
+    /// How long one REDCap call may take, its answer read included.
+    pub fn request_timeout(&self) -> Duration {
+        self.api.timeout()
+    }
+
+    /// The longest a [`RedcapSink::converge`] call can take when this sink is
+    /// its only caller: each of its calls (metadata, export, import) waits
+    /// its limiter slot, then up to the request timeout. A lease shorter than
+    /// this could run out between the checks and the end of the import.
+    pub fn worst_case_batch(&self) -> Duration {
+        (self.api.timeout() + self.api.spacing()) * CONVERGE_CALLS
+    }
+
+    /// Brings every item's records to its target; returns one JSON value per
+    /// item, in order (`records` matched, `written`, `unchanged`, `value`,
+    /// and `events` in a longitudinal project). Writes only the slots that
+    /// differ: none when all hold their target already. No call is started
+    /// with less than the request timeout left before `deadline` (the end of
+    /// the caller's lease): that is a transient error, nothing written.
+    pub async fn converge(&self, items: &[Convergence], deadline: Option<Instant>) -> Result<Vec<Value>, SinkError> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let schema = self.schema().await?;
-        let result = self.apply_with(&schema, items).await;
-        if let Err(SinkError::Misconfigured(_)) = &result {
-            // The project may have changed under us (field renamed, validation
-            // changed): read the metadata again before the next attempt.
-            *self.schema.lock().await = None;
-        }
+        let result = self.converge_with(items, deadline).await;
+        self.forget_schema_after(&result).await;
         result
     }
 
-    async fn apply_with(&self, schema: &Schema, items: &[DeliveryItem]) -> Result<Vec<Value>, SinkError> {
-        let exported = self.export_phones(&schema.record_id).await?;
-        let rows = parse_export(&exported, &schema.record_id, &self.phone_field).map_err(SinkError::Misconfigured)?;
-        drop(exported);
-        let longitudinal = rows.iter().any(|r| r.event.is_some());
-
-        // What each item writes: the local time for an opt-out, "" (clears) for an opt-in.
-        let values: Vec<Option<String>> = items
-            .iter()
-            .map(|item| match item.kind {
-                EventKind::OptOut => Some(format_timestamp(item.received_at, self.zone, schema.style)),
-                EventKind::OptIn => Some(String::new()),
-                EventKind::Help => None,
-            })
-            .collect();
-        let wanted: Vec<Option<String>> =
-            items.iter().zip(&values).map(|(item, v)| v.as_ref().map(|_| item.phone.as_str().to_owned())).collect();
-        // Parsing phone numbers is CPU work (milliseconds for a large project):
-        // off the async workers, so webhooks on this runtime are not held up.
-        let region = self.region;
-        let (rows, wanted, phones) = tokio::task::spawn_blocking(move || {
-            let borrowed: Vec<Option<&str>> = wanted.iter().map(Option::as_deref).collect();
-            let phones = normalise(&rows, &borrowed, region);
-            (rows, wanted, phones)
-        })
-        .await
-        .map_err(|e| SinkError::Transient {
-            message: format!("phone matching did not finish: {e}"),
-            retry_after: None,
-        })?;
-        let wanted: Vec<Option<&str>> = wanted.iter().map(Option::as_deref).collect();
-        let plan = plan_writes(&wanted, &rows, &phones, self.optout_event.as_deref(), &schema.optout_form)
-            .map_err(SinkError::Misconfigured)?;
-
-        if !plan.writes.is_empty() {
-            let data = import_rows(&plan.writes, &schema.record_id, &self.optout_field, &values).to_string();
-            let params = [
-                ("content", "record"),
-                ("type", "flat"),
-                ("overwriteBehavior", "overwrite"),
-                ("returnContent", "count"),
-                ("data", data.as_str()),
-            ];
-            let answer = self.api.call(Op::Import, &params).await?;
-            api::confirm_import(&answer, plan.records())?;
-        }
-
+    async fn converge_with(&self, items: &[Convergence], deadline: Option<Instant>) -> Result<Vec<Value>, SinkError> {
+        let schema = self.schema(deadline).await?;
+        let phones: Vec<String> = items.iter().map(|c| c.phone.as_str().to_owned()).collect();
+        let snapshot = self.read(&schema, phones.clone(), deadline).await?;
+        let wants: Vec<Want> = items.iter().map(|c| self.want(&schema, c.target)).collect();
+        let targets: Vec<Target> = items.iter().map(|c| c.target).collect();
+        let plan = self.plan(&schema, &snapshot, &phones, beats(&targets))?;
+        let written = differing(&plan, &wants, &snapshot.current);
+        // Overwrite: an opt-in's "" must clear the field (a normal import ignores blanks).
+        self.import(&schema, &written, &wants, true, usize::MAX, deadline).await?;
         tracing::info!(
             sink = SINK_NAME,
             items = items.len(),
-            rows_exported = rows.len(),
-            rows_written = plan.writes.len(),
-            "REDCap batch applied"
+            rows_exported = snapshot.rows.len(),
+            rows_decided = plan.writes.len(),
+            rows_written = written.len(),
+            "REDCap batch converged"
         );
-        Ok(plan.results(items, &values, longitudinal))
+        Ok(outcomes(&plan, &wants, &written, snapshot.longitudinal()))
+    }
+
+    /// Stamps every record of an opted-out phone (with the time its opt-out
+    /// began) whose opt-out field is blank or holds something else. Never
+    /// clears a field: only stamps are sent, with a normal import that
+    /// ignores blanks anyway. A record holding two listed numbers gets the
+    /// earlier time. One export, then imports of up to 1,000 rows.
+    pub async fn resync(&self, opted_out: &[(Phone, DateTime<Utc>)]) -> Result<ResyncReport, SinkError> {
+        if opted_out.is_empty() {
+            return Ok(ResyncReport::default());
+        }
+        let result = self.resync_with(opted_out).await;
+        self.forget_schema_after(&result).await;
+        result
+    }
+
+    async fn resync_with(&self, opted_out: &[(Phone, DateTime<Utc>)]) -> Result<ResyncReport, SinkError> {
+        let schema = self.schema(None).await?;
+        let phones: Vec<String> = opted_out.iter().map(|(p, _)| p.as_str().to_owned()).collect();
+        let snapshot = self.read(&schema, phones.clone(), None).await?;
+        let targets: Vec<Target> = opted_out.iter().map(|(_, since)| Target::OptedOut { since: *since }).collect();
+        let wants: Vec<Want> = targets.iter().map(|t| self.want(&schema, *t)).collect();
+        let plan = self.plan(&schema, &snapshot, &phones, beats(&targets))?;
+        let written = differing(&plan, &wants, &snapshot.current);
+        self.import(&schema, &written, &wants, false, RESYNC_IMPORT_ROWS, None).await?;
+        let records_matched = plan.matched.iter().flatten().collect::<HashSet<_>>().len();
+        let report =
+            ResyncReport { phones: opted_out.len(), records_matched, records_stamped: distinct_records(&written) };
+        tracing::info!(
+            sink = SINK_NAME,
+            phones = report.phones,
+            records_matched = report.records_matched,
+            records_stamped = report.records_stamped,
+            "REDCap resync done"
+        );
+        Ok(report)
+    }
+
+    /// The delivery-queue entry point, kept until the relay calls
+    /// [`RedcapSink::converge`]: an opt-out converges to opted out since it
+    /// was received, an opt-in to opted in; help messages change nothing.
+    pub async fn apply(&self, items: &[DeliveryItem]) -> Result<Vec<Value>, SinkError> {
+        let mut batch = Vec::with_capacity(items.len());
+        let mut index = Vec::with_capacity(items.len());
+        for item in items {
+            let target = match item.kind {
+                EventKind::OptOut => Target::OptedOut { since: item.received_at },
+                EventKind::OptIn => Target::OptedIn,
+                EventKind::Help => {
+                    index.push(None);
+                    continue;
+                }
+            };
+            index.push(Some(batch.len()));
+            batch.push(Convergence { phone: item.phone.clone(), target });
+        }
+        let mut done = self.converge(&batch, None).await?.into_iter().map(Some).collect::<Vec<_>>();
+        Ok(index
+            .into_iter()
+            .map(|i| match i.and_then(|i| done[i].take()) {
+                Some(v) => v,
+                None => json!({"records": [], "skipped": "help messages change nothing in REDCap"}),
+            })
+            .collect())
+    }
+
+    /// What the field should say for a target.
+    fn want(&self, schema: &Schema, target: Target) -> Want {
+        match target {
+            Target::OptedOut { since } => Want::Stamp(format_timestamp(since, self.zone, schema.style)),
+            Target::OptedIn => Want::Clear,
+        }
+    }
+
+    /// The project may have changed under us (field renamed, validation
+    /// changed): after a misconfiguration, read the metadata again next time.
+    async fn forget_schema_after<T>(&self, result: &Result<T, SinkError>) {
+        if let Err(SinkError::Misconfigured(_)) = result {
+            *self.schema.lock().await = None;
+        }
     }
 
     /// The cached schema, read again when missing or older than the TTL.
     /// Only a usable schema is cached, so a fixed project is seen at once.
-    async fn schema(&self) -> Result<Arc<Schema>, SinkError> {
+    async fn schema(&self, deadline: Option<Instant>) -> Result<Arc<Schema>, SinkError> {
         let mut slot = self.schema.lock().await;
         if let Some(s) = slot.as_ref().filter(|s| s.fetched_at.elapsed() < METADATA_TTL) {
             return Ok(s.clone());
         }
-        let raw = self.api.call(Op::Metadata, &[("content", "metadata")]).await?;
+        let raw = self.api.call_within(Op::Metadata, &[("content", "metadata")], deadline).await?;
         let meta = Metadata::parse(&raw).map_err(SinkError::Misconfigured)?;
         let schema = Arc::new(
             Schema::from_metadata(&meta, &self.phone_field, &self.optout_field, self.format)
@@ -189,53 +287,45 @@ impl RedcapSink {
         *slot = Some(schema.clone());
         Ok(schema)
     }
+}
 
-    /// Exports (record id, phone) of every row, only in `phone_event` when it is set.
-    async fn export_phones(&self, record_id: &str) -> Result<Value, SinkError> {
-        let mut params = vec![("content", "record"), ("type", "flat"), ("fields[0]", record_id)];
-        if self.phone_field != record_id {
-            params.push(("fields[1]", self.phone_field.as_str()));
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    fn config(request_timeout: Duration, max_calls_per_minute: u32) -> RedcapConfig {
+        RedcapConfig {
+            url: "https://redcap.example.org/api/".into(),
+            token: SecretString::from("0123456789ABCDEF0123456789ABCDEF"),
+            phone_field: "mobile".into(),
+            phone_event: None,
+            optout_field: "optout_at".into(),
+            optout_event: None,
+            timezone: "UTC".into(),
+            timestamp_format: TimestampFormat::Auto,
+            request_timeout,
+            max_calls_per_minute,
         }
-        if let Some(ev) = &self.phone_event {
-            params.push(("events[0]", ev.as_str()));
-        }
-        self.api.call(Op::Export, &params).await
     }
-}
 
-/// What a batch needs from the metadata.
-#[derive(Debug)]
-struct Schema {
-    record_id: String,
-    style: TimestampStyle,
-    optout_form: String,
-    fetched_at: Instant,
-}
+    fn sink(request_timeout: Duration, max_calls_per_minute: u32) -> RedcapSink {
+        RedcapSink::new(&config(request_timeout, max_calls_per_minute), country::Id::US).unwrap()
+    }
 
-impl Schema {
-    fn from_metadata(
-        meta: &Metadata,
-        phone_field: &str,
-        optout_field: &str,
-        format: TimestampFormat,
-    ) -> Result<Schema, String> {
-        if !meta.fields.contains_key(phone_field) {
-            return Err(format!("redcap.phone_field `{phone_field}` is not a field of the project"));
-        }
-        let optout = meta
-            .fields
-            .get(optout_field)
-            .ok_or_else(|| format!("redcap.optout_field `{optout_field}` is not a field of the project"))?;
-        if optout_field == meta.record_id {
-            return Err(format!("redcap.optout_field `{optout_field}` is the record-id field"));
-        }
-        let style = timestamp_style(format, &optout.field_type, &optout.validation)
-            .map_err(|why| format!("redcap.optout_field `{optout_field}` {why}"))?;
-        Ok(Schema {
-            record_id: meta.record_id.clone(),
-            style,
-            optout_form: optout.form.clone(),
-            fetched_at: Instant::now(),
-        })
+    #[test]
+    fn the_opt_out_field_cannot_be_the_phone_field() {
+        let mut cfg = config(Duration::from_secs(5), 60);
+        cfg.optout_field = " mobile ".into();
+        let e = RedcapSink::new(&cfg, country::Id::US).err().unwrap();
+        assert!(e.contains("must be different"), "{e}");
+    }
+
+    #[test]
+    fn the_worst_case_is_three_calls_each_with_its_limiter_wait() {
+        let s = sink(Duration::from_secs(5), 60);
+        assert_eq!(s.request_timeout(), Duration::from_secs(5));
+        assert_eq!(s.worst_case_batch(), Duration::from_secs(3 * (5 + 1)));
+        assert_eq!(sink(Duration::from_secs(30), 600).worst_case_batch(), Duration::from_millis(3 * 30_100));
     }
 }

@@ -2,7 +2,7 @@
 //! two datetime shapes the field takes, and the wall-clock time in the
 //! project's zone (REDCap stores local times, not instants).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
 use chrono_tz::Tz;
 
 use crate::config::TimestampFormat;
@@ -54,6 +54,34 @@ pub(super) fn format_timestamp(at: DateTime<Utc>, zone: Tz, style: TimestampStyl
         TimestampStyle::Minutes => local.format("%Y-%m-%d %H:%M").to_string(),
         TimestampStyle::Seconds => local.format("%Y-%m-%d %H:%M:%S").to_string(),
     }
+}
+
+/// Whether the field's `current` value already says `wanted`, the value we
+/// would write. REDCap normalises datetimes on import (a minute value in a
+/// seconds field gains `:00`, a seconds value in a minute field loses its
+/// seconds), so a plain string comparison would see a difference after every
+/// write and write again forever. The times are compared instead, at the
+/// precision the field kept; any other text (a note, another format)
+/// differs and is overwritten.
+pub(super) fn same_moment(current: &str, wanted: &str) -> bool {
+    let current = current.trim();
+    if current == wanted {
+        return true;
+    }
+    match (parse_local(current), parse_local(wanted)) {
+        (Some((c, true)), Some((w, _))) => c == w,
+        (Some((c, false)), Some((w, _))) => Some(c) == w.with_second(0),
+        _ => false,
+    }
+}
+
+/// A `YYYY-MM-DD HH:MM[:SS]` value (REDCap's import form, `T` allowed) and whether it has seconds.
+fn parse_local(s: &str) -> Option<(NaiveDateTime, bool)> {
+    let s = s.trim().replacen('T', " ", 1);
+    if let Ok(t) = NaiveDateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S") {
+        return Some((t, true));
+    }
+    NaiveDateTime::parse_from_str(&s, "%Y-%m-%d %H:%M").ok().map(|t| (t, false))
 }
 
 #[cfg(test)]
@@ -126,5 +154,22 @@ mod tests {
         // 2026-11-01: 02:00 EDT falls back to 01:00 EST; both 01:30s exist.
         assert_eq!(format_timestamp(utc(2026, 11, 1, 5, 30, 0), ny, TimestampStyle::Minutes), "2026-11-01 01:30");
         assert_eq!(format_timestamp(utc(2026, 11, 1, 6, 30, 0), ny, TimestampStyle::Minutes), "2026-11-01 01:30");
+    }
+
+    #[test]
+    fn a_stamp_is_the_same_at_the_precision_the_field_kept() {
+        // Written with seconds, kept in minutes (and the other way round).
+        assert!(same_moment("2026-11-23 09:15", "2026-11-23 09:15:07"));
+        assert!(same_moment("2026-11-23 09:15:00", "2026-11-23 09:15"));
+        assert!(same_moment("2026-11-23 09:15:07", "2026-11-23 09:15:07"));
+        assert!(same_moment(" 2026-11-23 09:15 ", "2026-11-23 09:15"));
+        assert!(same_moment("2026-11-23T09:15", "2026-11-23 09:15"));
+        // Another time, a blank, other text: different.
+        assert!(!same_moment("2026-11-23 09:15:08", "2026-11-23 09:15:07"));
+        assert!(!same_moment("2026-11-23 09:16", "2026-11-23 09:15:07"));
+        assert!(!same_moment("2026-11-23 09:15:07", "2026-11-23 09:15"));
+        assert!(!same_moment("", "2026-11-23 09:15"));
+        assert!(!same_moment("11/23/2026 09:15", "2026-11-23 09:15"));
+        assert!(!same_moment("opted out by phone", "2026-11-23 09:15"));
     }
 }

@@ -15,7 +15,7 @@
 //! events, DAGs and arms beyond 1 are not modelled.
 //!
 //! Faults come two ways: a switch that every call answers with until it is
-//! switched off (`set_fault`), and a queue of one-shot faults each taken by
+//! switched off (`set_fault`, `clear_fault`: an outage), and a queue of one-shot faults each taken by
 //! the next call of its kind (`fail_next`, `delay_next`,
 //! `apply_late_next_import`), so a test can break exactly one call.
 //!
@@ -148,6 +148,10 @@ pub enum Fault {
     /// Waits until the test opens the gate, then does the call normally: lets a
     /// test look at the state between two calls without racing the client.
     Held(Gate),
+    /// Imports: applies the data, then the connection breaks while the answer
+    /// is being sent (headers out, body cut), as when a proxy or the network
+    /// drops a finished request (other calls are answered normally).
+    CutAfterApply,
 }
 
 /// Holds a call (`Fault::Held`) until opened; returned by `hold_next`.
@@ -436,6 +440,11 @@ impl FakeRedcap {
         self.inner().fault = fault;
     }
 
+    /// Ends the standing fault: REDCap is back.
+    pub fn clear_fault(&self) {
+        self.set_fault(Fault::None);
+    }
+
     /// The next call of `kind` (only that one) answers with `fault`; queued
     /// one-shots are taken in order and win over `set_fault`.
     pub fn fail_next(&self, kind: CallKind, fault: Fault) {
@@ -532,7 +541,7 @@ async fn handle(State(state): State<Arc<Mutex<Inner>>>, method: Method, body: By
         tokio::time::sleep(latency).await;
     }
     match fault {
-        Fault::None | Fault::ShortCount | Fault::LateApply(_) => {}
+        Fault::None | Fault::ShortCount | Fault::LateApply(_) | Fault::CutAfterApply => {}
         Fault::Status500 => {
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -616,6 +625,9 @@ fn answer(state: &Mutex<Inner>, params: &[(String, String)], fault: &Fault) -> A
                     _ => None,
                 };
                 let ids = import.apply(&mut inner, limit);
+                if *fault == Fault::CutAfterApply {
+                    return now(cut_answer());
+                }
                 import_answer(&ids, get("returnContent"))
             }
             None => {
@@ -998,6 +1010,15 @@ impl Import {
         }
         ids
     }
+}
+
+/// A 200 whose body breaks off: the server drops the connection mid-answer.
+fn cut_answer() -> Response {
+    let broken = futures_util::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut"))
+    });
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], axum::body::Body::from_stream(broken))
+        .into_response()
 }
 
 fn import_answer(ids: &[String], return_content: Option<&str>) -> Response {
