@@ -167,7 +167,9 @@ pub fn build_sinks(config: &Config, region: phonenumber::country::Id) -> Result<
         let scopes = cfg.scopes().map(<[String]>::to_vec);
         let kind = match &cfg {
             SinkConfig::Redcap(c) => SinkKind::Redcap {
-                sink: RedcapSink::new(c, region).map_err(|e| StartError::Config(format!("sink {name}: {e}")))?,
+                sink: RedcapSink::new(c, region)
+                    .map_err(|e| StartError::Config(format!("sink {name}: {e}")))?
+                    .named(&name),
                 resync_interval: c.resync_interval,
             },
             SinkConfig::Email(c) => SinkKind::Email {

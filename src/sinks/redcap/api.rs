@@ -24,6 +24,7 @@
 //! after a newer worker's write.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -48,6 +49,8 @@ pub(super) struct Api {
     token: SecretString,
     timeout: Duration,
     limiter: Limiter,
+    /// The sink's name, for metrics and logs.
+    sink: Arc<str>,
 }
 
 /// The API URL, refused unless it is http(s).
@@ -84,7 +87,18 @@ impl Api {
             token,
             timeout,
             limiter: Limiter::per_minute(calls_per_minute),
+            sink: Arc::from(SINK_NAME),
         })
+    }
+
+    /// The same client reporting under another sink name.
+    pub(super) fn named(mut self, name: &str) -> Api {
+        self.sink = Arc::from(name);
+        self
+    }
+
+    pub(super) fn sink(&self) -> &str {
+        &self.sink
     }
 
     /// How long one call may take, answer read included.
@@ -119,7 +133,7 @@ impl Api {
         self.limiter.wait().await;
         if let Some(deadline) = deadline {
             if deadline.saturating_duration_since(Instant::now()) < self.timeout {
-                tracing::info!(sink = SINK_NAME, op = op.what(), "REDCap call not started: the lease runs out first");
+                tracing::info!(sink = %self.sink, op = op.what(), "REDCap call not started: the lease runs out first");
                 return Err(SinkError::Transient { message: LEASE_TOO_SHORT.to_owned(), retry_after: None });
             }
         }
@@ -144,9 +158,9 @@ impl Api {
             classify(op, status, retry_after, location.as_deref(), &body)
         }
         .await;
-        crate::metrics::sink_call(SINK_NAME, op.label(), started.elapsed().as_secs_f64());
+        crate::metrics::sink_call(&self.sink, op.label(), started.elapsed().as_secs_f64());
         tracing::debug!(
-            sink = SINK_NAME,
+            sink = %self.sink,
             op = op.what(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             ok = result.is_ok(),
@@ -262,7 +276,6 @@ fn classify(
         },
         429 => {
             tracing::error!(
-                sink = SINK_NAME,
                 retry_after_secs = retry_after.map(|d| d.as_secs()),
                 "REDCap answered 429: it is rate-limiting this IP, and past its limit it bans the IP until an \
                  administrator lifts the ban; check redcap.max_calls_per_minute and other API clients on this IP"

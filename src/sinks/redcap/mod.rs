@@ -106,6 +106,13 @@ pub struct RedcapSink {
 }
 
 impl RedcapSink {
+    /// The same sink under the name it has in the configuration (metrics,
+    /// logs); `redcap` until named.
+    pub fn named(mut self, name: &str) -> RedcapSink {
+        self.api = self.api.named(name);
+        self
+    }
+
     /// Builds the HTTP client; refuses settings it cannot work with (URL,
     /// zone, call budget, empty field names). Makes no call.
     pub fn new(cfg: &RedcapConfig, default_region: country::Id) -> Result<RedcapSink, String> {
@@ -181,7 +188,7 @@ impl RedcapSink {
         // Overwrite: an opt-in's "" must clear the field (a normal import ignores blanks).
         self.import(&schema, &written, &wants, true, usize::MAX, deadline).await?;
         tracing::info!(
-            sink = SINK_NAME,
+            sink = %self.api.sink(),
             items = items.len(),
             rows_exported = snapshot.rows.len(),
             rows_decided = plan.writes.len(),
@@ -218,7 +225,7 @@ impl RedcapSink {
         let report =
             ResyncReport { phones: opted_out.len(), records_matched, records_stamped: distinct_records(&written) };
         tracing::info!(
-            sink = SINK_NAME,
+            sink = %self.api.sink(),
             phones = report.phones,
             records_matched = report.records_matched,
             records_stamped = report.records_stamped,
