@@ -1,6 +1,6 @@
 //! A minimal in-process SMTP server for the email sink's tests: ESMTP with
-//! optional STARTTLS (a self-signed certificate made at start, for
-//! 127.0.0.1 and localhost), AUTH PLAIN/LOGIN against one configured user,
+//! optional STARTTLS or implicit TLS (a self-signed certificate made at
+//! start, for 127.0.0.1 and localhost), AUTH PLAIN/LOGIN against one configured user,
 //! and switchable faults. Every accepted message is kept with its envelope,
 //! raw data and whether its session was upgraded to TLS.
 #![allow(dead_code)]
@@ -25,7 +25,7 @@ pub struct Received {
     pub auth_user: Option<String>,
     /// The AUTH mechanism that session used (`PLAIN`, `LOGIN`).
     pub auth_mechanism: Option<String>,
-    /// Whether the session had been upgraded with STARTTLS when the message came.
+    /// Whether the session was TLS (upgraded with STARTTLS, or implicit) when the message came.
     pub tls: bool,
 }
 
@@ -121,6 +121,11 @@ struct State {
     connections: u32,
     /// Offered in EHLO when set.
     starttls: Option<TlsAcceptor>,
+    /// Every connection starts with a TLS handshake when set (port 465 style).
+    implicit_tls: Option<TlsAcceptor>,
+    /// A refused login's reply repeats the password, plain and base64, as a
+    /// careless server might: the client must not pass it on.
+    echo_credentials: bool,
     /// Sessions upgraded with STARTTLS.
     upgrades: u32,
     /// AUTH commands received on a session that was not (yet) TLS.
@@ -129,7 +134,7 @@ struct State {
 
 pub struct FakeSmtp {
     addr: SocketAddr,
-    /// The self-signed certificate STARTTLS presents (PEM), when offered.
+    /// The self-signed certificate STARTTLS or implicit TLS presents (PEM).
     certificate_pem: Option<String>,
     state: Arc<Mutex<State>>,
     accept: tokio::sync::Mutex<Option<JoinHandle<()>>>,
@@ -142,32 +147,41 @@ type Sessions = Arc<Mutex<Vec<JoinHandle<()>>>>;
 impl FakeSmtp {
     /// A server without credentials: it advertises AUTH but refuses every login.
     pub async fn start() -> FakeSmtp {
-        Self::start_inner(None, false).await
+        Self::start_inner(None, Tls::None).await
     }
 
     /// A server that requires a login as `user`/`password` before MAIL.
     pub async fn start_with_auth(user: &str, password: &str) -> FakeSmtp {
-        Self::start_inner(Some((user.to_owned(), password.to_owned())), false).await
+        Self::start_inner(Some((user.to_owned(), password.to_owned())), Tls::None).await
     }
 
     /// A server that offers STARTTLS with a self-signed certificate for
     /// 127.0.0.1 and localhost (see `certificate_pem`).
     pub async fn start_with_starttls() -> FakeSmtp {
-        Self::start_inner(None, true).await
+        Self::start_inner(None, Tls::Starttls).await
     }
 
     /// STARTTLS offered and a login as `user`/`password` required before MAIL.
     pub async fn start_with_auth_and_starttls(user: &str, password: &str) -> FakeSmtp {
-        Self::start_inner(Some((user.to_owned(), password.to_owned())), true).await
+        Self::start_inner(Some((user.to_owned(), password.to_owned())), Tls::Starttls).await
     }
 
-    async fn start_inner(credentials: Option<(String, String)>, starttls: bool) -> FakeSmtp {
-        let (acceptor, certificate_pem) = if starttls {
-            let (acceptor, pem) = self_signed_acceptor();
-            (Some(acceptor), Some(pem))
-        } else {
-            (None, None)
+    /// A server that speaks TLS from the first byte (port 465 style), with
+    /// the same self-signed certificate as `start_with_starttls`, and
+    /// requires a login as `user`/`password` before MAIL.
+    pub async fn start_with_auth_and_implicit_tls(user: &str, password: &str) -> FakeSmtp {
+        Self::start_inner(Some((user.to_owned(), password.to_owned())), Tls::Implicit).await
+    }
+
+    async fn start_inner(credentials: Option<(String, String)>, tls: Tls) -> FakeSmtp {
+        let (acceptor, certificate_pem) = match tls {
+            Tls::None => (None, None),
+            Tls::Starttls | Tls::Implicit => {
+                let (acceptor, pem) = self_signed_acceptor();
+                (Some(acceptor), Some(pem))
+            }
         };
+        let (starttls, implicit_tls) = if tls == Tls::Implicit { (None, acceptor) } else { (acceptor, None) };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake SMTP");
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(Mutex::new(State {
@@ -179,7 +193,9 @@ impl FakeSmtp {
             mechanisms: vec!["PLAIN", "LOGIN"],
             auth_attempts: 0,
             connections: 0,
-            starttls: acceptor,
+            starttls,
+            implicit_tls,
+            echo_credentials: false,
             upgrades: 0,
             plaintext_auth_attempts: 0,
         }));
@@ -190,7 +206,7 @@ impl FakeSmtp {
 
     /// The certificate STARTTLS presents, PEM: a client trusts the server by adding it as a root.
     pub fn certificate_pem(&self) -> &str {
-        self.certificate_pem.as_deref().expect("started with start_with_starttls")
+        self.certificate_pem.as_deref().expect("started with TLS")
     }
 
     /// Sessions upgraded with STARTTLS.
@@ -219,6 +235,11 @@ impl FakeSmtp {
     /// TCP connections accepted.
     pub fn connections(&self) -> u32 {
         self.lock().connections
+    }
+
+    /// Makes a refused login's reply repeat the password (see `State::echo_credentials`).
+    pub fn echo_credentials_on_refusal(&self) {
+        self.lock().echo_credentials = true;
     }
 
     /// The AUTH mechanisms advertised in EHLO (default PLAIN and LOGIN).
@@ -295,6 +316,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, sessions: 
     }
 }
 
+/// How a server speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    None,
+    Starttls,
+    Implicit,
+}
+
 /// The SMTP transaction in progress on one connection.
 #[derive(Default)]
 struct Transaction {
@@ -310,8 +339,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 type Conn = BufReader<Box<dyn Stream>>;
 
 async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
-    let mut conn: Conn = BufReader::new(Box::new(stream));
-    let mut tls = false;
+    let implicit = state.lock().expect("state").implicit_tls.clone();
+    let (mut conn, mut tls): (Conn, bool) = match implicit {
+        Some(acceptor) => {
+            let Ok(secured) = acceptor.accept(stream).await else { return };
+            (BufReader::new(Box::new(secured)), true)
+        }
+        None => (BufReader::new(Box::new(stream)), false),
+    };
     let mut auth_user: Option<String> = None;
     let mut auth_mechanism: Option<String> = None;
     let mut tx = Transaction::default();
@@ -369,6 +404,9 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) {
                     auth_user = Some(user);
                     auth_mechanism = Some(mechanism.clone());
                     "235 2.7.0 Authentication successful".to_owned()
+                } else if s.echo_credentials {
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(&password);
+                    format!("535 5.7.8 Authentication credentials invalid for {user} / {password} ({encoded})")
                 } else {
                     "535 5.7.8 Authentication credentials invalid".to_owned()
                 }
