@@ -230,7 +230,10 @@ impl Worker {
         for (i, row) in batch.iter().enumerate() {
             let phone_states = states.get(&row.phone).map_or(&[][..], Vec::as_slice);
             let t = target(phone_states, self.sink.scopes.as_deref());
-            if !needs_write(row, t) {
+            // A notification says "opted out" or "opted back in": a change of
+            // `since` alone, or a write to re-read, is nothing to tell.
+            let told = row.written.map(|w| w.opted_out);
+            if told == Some(t.is_opted_out()) || (told.is_none() && !t.is_opted_out()) {
                 settles.push(Settled { id: row.id, generation: row.generation, how: written(t, None) });
                 continue;
             }

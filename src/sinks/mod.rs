@@ -1,14 +1,11 @@
-//! Systems of record that learn about opt-outs. Each sink takes a batch of
-//! due deliveries and applies them all, or fails the batch with an error the
-//! relay classifies for its retry schedule.
+//! Systems of record that learn about opt-outs. The relay hands a sink what
+//! it should hold for each phone (`Convergence`) or what to report
+//! (`Notification`, `Alert`); a sink knows nothing of the store. Each call
+//! succeeds or fails with an error the relay classifies for the sink's
+//! backoff and for re-reads (`SinkError`).
 
 pub mod email;
 pub mod redcap;
-
-/// The email sink's name in the delivery queue. It reports what the other
-/// sinks did, so its deliveries wait until the same event's other
-/// deliveries are no longer pending.
-pub const EMAIL_SINK: &str = "email";
 
 use std::time::Duration;
 
@@ -17,19 +14,7 @@ use serde_json::Value;
 
 use serde::Serialize;
 
-use crate::domain::{EventKind, Phone};
-
-/// One delivery as a sink sees it. A batch holds at most one item per phone.
-#[derive(Debug, Clone)]
-pub struct DeliveryItem {
-    pub id: i64,
-    pub event_id: i64,
-    pub phone: Phone,
-    /// `OptOut` or `OptIn` (help events are never relayed).
-    pub kind: EventKind,
-    /// When the person's message arrived: the time stamped downstream.
-    pub received_at: DateTime<Utc>,
-}
+use crate::domain::Phone;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SinkError {

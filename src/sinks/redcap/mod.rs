@@ -54,7 +54,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use phonenumber::country;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::time::Instant;
 
 pub use check::CheckLine;
@@ -63,9 +63,9 @@ use self::api::{Api, Metadata, Op};
 use self::compare::{beats, differing, distinct_records, outcomes, Want};
 use self::schema::Schema;
 use self::timestamp::format_timestamp;
-use super::{Convergence, DeliveryItem, SinkError, Target};
+use super::{Convergence, SinkError, Target};
 use crate::config::{RedcapConfig, TimestampFormat};
-use crate::domain::{EventKind, Phone};
+use crate::domain::Phone;
 
 /// The sink's name in the delivery queue.
 pub const SINK_NAME: &str = "redcap";
@@ -232,34 +232,6 @@ impl RedcapSink {
             "REDCap resync done"
         );
         Ok(report)
-    }
-
-    /// The delivery-queue entry point, kept until the relay calls
-    /// [`RedcapSink::converge`]: an opt-out converges to opted out since it
-    /// was received, an opt-in to opted in; help messages change nothing.
-    pub async fn apply(&self, items: &[DeliveryItem]) -> Result<Vec<Value>, SinkError> {
-        let mut batch = Vec::with_capacity(items.len());
-        let mut index = Vec::with_capacity(items.len());
-        for item in items {
-            let target = match item.kind {
-                EventKind::OptOut => Target::OptedOut { since: item.received_at },
-                EventKind::OptIn => Target::OptedIn,
-                EventKind::Help => {
-                    index.push(None);
-                    continue;
-                }
-            };
-            index.push(Some(batch.len()));
-            batch.push(Convergence { phone: item.phone.clone(), target });
-        }
-        let mut done = self.converge(&batch, None).await?.into_iter().map(Some).collect::<Vec<_>>();
-        Ok(index
-            .into_iter()
-            .map(|i| match i.and_then(|i| done[i].take()) {
-                Some(v) => v,
-                None => json!({"records": [], "skipped": "help messages change nothing in REDCap"}),
-            })
-            .collect())
     }
 
     /// What the field should say for a target.
