@@ -30,6 +30,7 @@ fn config(port: u16, edit: impl FnOnce(&mut EmailConfig)) -> EmailConfig {
         timezone: "America/New_York".into(),
         timeout: Duration::from_secs(5),
         ca_file: None,
+        ..EmailConfig::new("127.0.0.1", "relay@example.org", vec![])
     };
     edit(&mut c);
     c

@@ -45,6 +45,7 @@ fn config(url: &str, edit: impl FnOnce(&mut RedcapConfig)) -> RedcapConfig {
         timestamp_format: TimestampFormat::Auto,
         request_timeout: Duration::from_secs(5),
         max_calls_per_minute: 600,
+        ..RedcapConfig::new(url, SecretString::from(TOKEN), "mobile", "optout_at")
     };
     edit(&mut c);
     c
