@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use optout_relay::config::Config;
+use optout_relay::config::{Config, SinkConfig};
 use optout_relay::domain::{EventKind, Phone};
 use optout_relay::ops;
 use optout_relay::relay::{self, resync};
@@ -16,6 +16,7 @@ use optout_relay::sinks::redcap::RedcapSink;
 use optout_relay::sinks::Sink;
 use optout_relay::startup::{build_sinks, Application};
 use optout_relay::store::Store;
+use secrecy::ExposeSecret as _;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -147,17 +148,21 @@ async fn check_config(config: Config) -> anyhow::Result<ExitCode> {
     let mut lines = Vec::new();
     // Only a config that is valid by itself is worth testing against REDCap.
     if problems.is_empty() {
-        if let (Some(cfg), Some(region)) = (&config.redcap, config.keywords.region()) {
-            match RedcapSink::new(cfg, region) {
-                Ok(sink) => {
-                    for line in sink.check().await {
-                        if !line.ok {
-                            problems.push(format!("redcap: {}", line.message));
+        if let Some(region) = config.keywords.region() {
+            for (name, cfg) in config.sinks() {
+                let SinkConfig::Redcap(cfg) = cfg else { continue };
+                match RedcapSink::new(&cfg, region) {
+                    Ok(sink) => {
+                        for mut line in sink.named(&name).check().await {
+                            line.message = format!("{name}: {}", line.message);
+                            if !line.ok {
+                                problems.push(line.message.clone());
+                            }
+                            lines.push(line);
                         }
-                        lines.push(line);
                     }
+                    Err(e) => problems.push(format!("{name}: {e}")),
                 }
-                Err(e) => problems.push(format!("redcap: {e}")),
             }
         }
     }
@@ -165,6 +170,7 @@ async fn check_config(config: Config) -> anyhow::Result<ExitCode> {
         println!("{} {}", if line.ok { "ok  " } else { "FAIL" }, line.message);
     }
     if problems.is_empty() {
+        release_sinks(&config).await;
         println!("configuration OK");
         return Ok(ExitCode::SUCCESS);
     }
@@ -173,6 +179,27 @@ async fn check_config(config: Config) -> anyhow::Result<ExitCode> {
         println!("  - {p}");
     }
     Ok(ExitCode::from(1))
+}
+
+/// A configuration that passes its checks (a token fixed, say) makes every
+/// sink due at once for a running `serve`, instead of waiting out a backoff.
+/// Best effort: `check-config` also runs where no database is reachable.
+async fn release_sinks(config: &Config) {
+    // Never create an SQLite file just to say nothing is waiting in it.
+    let url = config.database.url.expose_secret();
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest.trim_start_matches("//").split('?').next().unwrap_or_default();
+        if path.is_empty() || path == ":memory:" || !std::path::Path::new(path).exists() {
+            return;
+        }
+    }
+    let Ok(store) = Store::connect_lazy(&config.database) else { return };
+    for (name, _) in config.sinks() {
+        if let Ok(true) = store.release_sink(&name).await {
+            println!("ok   {name}: due now for a running serve");
+        }
+    }
+    store.close().await;
 }
 
 async fn replay(config: Config, dead: bool, sink: Option<String>) -> anyhow::Result<ExitCode> {
