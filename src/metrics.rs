@@ -96,6 +96,14 @@ pub fn queue(sink: &str, pending: i64, oldest_age_seconds: f64, dead: i64) {
     metrics::gauge!("optout_dead_deliveries", "sink" => sink).set(dead as f64);
 }
 
+/// A sink's health: 1 while it works, and how long its current run of
+/// failures has lasted (0 while it works).
+pub fn sink_health(sink: &str, ok: bool, failing_seconds: f64) {
+    let sink = sink.to_owned();
+    metrics::gauge!("optout_sink_up", "sink" => sink.clone()).set(if ok { 1.0 } else { 0.0 });
+    metrics::gauge!("optout_sink_failing_seconds", "sink" => sink).set(failing_seconds);
+}
+
 /// Whether the queue gauges were refreshed at this scrape; on success also
 /// stamps the time, so a stale reading can be told from a quiet queue.
 pub fn queue_stats_read(ok: bool) {

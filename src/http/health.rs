@@ -48,9 +48,10 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     };
     // Read before taking the lock: a store that hangs must not hold up other scrapes.
     let stats = app.store.queue_stats().await;
+    let health = app.store.sinks().await;
     let _scrape = SCRAPE.lock().await;
-    match stats {
-        Ok(stats) => {
+    match stats.and_then(|s| health.map(|h| (s, h))) {
+        Ok((stats, health)) => {
             let now = chrono::Utc::now();
             for sink in app.relay.sinks.iter().map(|s| s.name.as_str()) {
                 let s = stats.iter().find(|s| s.sink == sink);
@@ -58,6 +59,11 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
                     .and_then(|s| s.oldest_pending)
                     .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
                 crate::metrics::queue(sink, s.map_or(0, |s| s.pending), age, s.map_or(0, |s| s.dead));
+                let h = health.iter().find(|h| h.name == sink);
+                let failing = h
+                    .and_then(|h| h.failing_since)
+                    .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
+                crate::metrics::sink_health(sink, h.is_none_or(|h| h.health == "ok"), failing);
             }
             crate::metrics::queue_stats_read(true);
         }
