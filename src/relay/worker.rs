@@ -25,6 +25,9 @@ use crate::store::{ClaimedPhone, DeliveryRow, Settle, Settled, StateRow, StoreEr
 
 /// How long before its lease ends a worker stops starting sink calls.
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// Time left on the lease below which no further message is started (an
+/// SMTP exchange's worst case at the default `email.timeout`).
+const MAIL_TIME: Duration = Duration::from_secs(30);
 /// How often a notification waiting for other sinks looks again.
 const REPORT_POLL: Duration = Duration::from_secs(2);
 
@@ -106,7 +109,7 @@ impl Worker {
         let deadline = (claimed_at + policy.lease).checked_sub(LEASE_MARGIN).unwrap_or(claimed_at);
         let outcome = match &self.sink.kind {
             SinkKind::Redcap { sink, .. } => self.converge(batch, sink, deadline).await?,
-            SinkKind::Email { sink, report_wait, .. } => self.notify(batch, sink, *report_wait).await?,
+            SinkKind::Email { sink, report_wait, .. } => self.notify(batch, sink, *report_wait, deadline).await?,
         };
         match outcome {
             Called::Nothing => {
@@ -223,6 +226,7 @@ impl Worker {
         batch: Vec<ClaimedPhone>,
         email: &crate::sinks::email::EmailSink,
         report_wait: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<Called, StoreError> {
         let states = self.states(&batch).await?;
         let name = self.sink.name.as_str();
@@ -230,6 +234,13 @@ impl Worker {
         let mut settles = Vec::with_capacity(batch.len());
         let mut called = Called::Nothing;
         for (i, row) in batch.iter().enumerate() {
+            if deadline.saturating_duration_since(tokio::time::Instant::now()) < MAIL_TIME {
+                // The lease could run out mid-message: the rest goes in the next batch.
+                for r in &batch[i..] {
+                    settles.push(Settled { id: r.id, generation: r.generation, how: Settle::Wait { until: now } });
+                }
+                break;
+            }
             let phone_states = states.get(&row.phone).map_or(&[][..], Vec::as_slice);
             let t = target(phone_states, self.sink.scopes.as_deref());
             // A notification says "opted out" or "opted back in": a change of

@@ -132,7 +132,9 @@ impl Store {
         let now = Ts(Utc::now());
         on_pool!(self, pool => {
             sqlx::query(
-                "UPDATE sinks SET health = $2, failing_since = COALESCE(failing_since, $5), backoff_step = $3,
+                "UPDATE sinks SET health = $2, failing_since = COALESCE(failing_since, $5),
+                        -- A worker that read the health before another failure must not lower the step.
+                        backoff_step = CASE WHEN backoff_step > $3 THEN backoff_step ELSE $3 END,
                         next_probe_at = $4, last_error = $6, updated_at = $5
                   WHERE name = $1",
             )
