@@ -170,7 +170,7 @@ mod tests {
     }
 
     impl Recorder for PanicsOnce {
-        async fn record(&self, events: &[NewEvent], _: &[&'static str]) -> Result<Vec<RecordOutcome>, StoreError> {
+        async fn record(&self, events: &[NewEvent], _: &[SinkFollow]) -> Result<Vec<RecordOutcome>, StoreError> {
             let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             if call == 1 {
                 panic!("the store call blew up");

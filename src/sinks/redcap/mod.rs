@@ -275,16 +275,14 @@ mod tests {
 
     fn config(request_timeout: Duration, max_calls_per_minute: u32) -> RedcapConfig {
         RedcapConfig {
-            url: "https://redcap.example.org/api/".into(),
-            token: SecretString::from("0123456789ABCDEF0123456789ABCDEF"),
-            phone_field: "mobile".into(),
-            phone_event: None,
-            optout_field: "optout_at".into(),
-            optout_event: None,
-            timezone: "UTC".into(),
-            timestamp_format: TimestampFormat::Auto,
             request_timeout,
             max_calls_per_minute,
+            ..RedcapConfig::new(
+                "https://redcap.example.org/api/",
+                SecretString::from("0123456789ABCDEF0123456789ABCDEF"),
+                "mobile",
+                "optout_at",
+            )
         }
     }
 
