@@ -52,14 +52,14 @@ CREATE INDEX sink_phones_dead_idx ON sink_phones (sink, queued_at) WHERE status 
 CREATE INDEX sink_phones_phone_idx ON sink_phones (phone);
 
 INSERT INTO sinks (name, created_at, updated_at)
-SELECT DISTINCT sink, CAST(unixepoch('subsec') * 1000 AS INTEGER), CAST(unixepoch('subsec') * 1000 AS INTEGER)
+SELECT DISTINCT sink, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER), CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)
   FROM deliveries;
 
 INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at,
                          written_opted_out, written_since, written_at)
 SELECT d.sink, d.phone, 'pending', max(d.event_id),
-       CAST(unixepoch('subsec') * 1000 AS INTEGER), CAST(unixepoch('subsec') * 1000 AS INTEGER),
-       min(d.created_at), CAST(unixepoch('subsec') * 1000 AS INTEGER),
+       CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER), CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
+       min(d.created_at), CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
        (SELECT x.kind = 'opt_out' FROM deliveries x
          WHERE x.sink = d.sink AND x.phone = d.phone AND x.status = 'done' ORDER BY x.id DESC LIMIT 1),
        (SELECT CASE WHEN x.kind = 'opt_out' THEN e.received_at END FROM deliveries x JOIN events e ON e.id = x.event_id
