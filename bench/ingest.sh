@@ -189,7 +189,7 @@ PG_REQ=$R_requests PG_ERR=$R_errors PG_RPS=$R_rps PG_P50=$R_p50_ms PG_P99=$R_p99
 stop_server postgres
 PG_EVENTS=$(psql_q -d "$DB_SRV" -c "SELECT count(*) FROM events")
 PG_STATE=$(psql_q -d "$DB_SRV" -c "SELECT count(*) FROM opt_out_state WHERE opted_out")
-PG_DELIV=$(psql_q -d "$DB_SRV" -c "SELECT count(*) FROM deliveries")
+PG_DELIV=$(psql_q -d "$DB_SRV" -c "SELECT count(*) FROM sink_phones")
 # Rows one transaction inserted share its xmin: the group-commit batch sizes.
 # "per event" is the size of the batch the median event was written in.
 PG_BATCH=$(psql_q -d "$DB_SRV" -F' ' -c "
@@ -199,7 +199,7 @@ PG_BATCH=$(psql_q -d "$DB_SRV" -F' ' -c "
            (SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY b.n) FROM b, generate_series(1, b.n)),
            (SELECT max(n) FROM b)")
 read -r PG_COMMITS PG_BATCH_AVG PG_BATCH_P50 PG_BATCH_EP50 PG_BATCH_MAX <<<"$PG_BATCH"
-echo "rows: events=$PG_EVENTS (expected $PG_OK), opt_out_state opted out=$PG_STATE, deliveries=$PG_DELIV (no sink configured);"
+echo "rows: events=$PG_EVENTS (expected $PG_OK), opt_out_state opted out=$PG_STATE, sink_phones=$PG_DELIV (no sink configured);"
 echo "group commit (events sharing an xmin, warm-up included): $PG_COMMITS transactions, events per transaction avg=$PG_BATCH_AVG p50=$PG_BATCH_P50 max=$PG_BATCH_MAX; median event's batch=$PG_BATCH_EP50"
 echo "server log: $(wc -l <"$TMP/server-postgres.log") lines, $(du -k "$TMP/server-postgres.log" | cut -f1) kB at the default level (info)"
 echo
@@ -211,7 +211,7 @@ log "PostgreSQL: pgbench baseline"
 psql_q -d postgres -c "CREATE DATABASE $DB_BASE"
 for f in "$ROOT"/migrations/postgres/*.sql; do psql_q -d "$DB_BASE" -f "$f" >/dev/null; done
 # Per transaction, the rows one STOP webhook makes the server write (no sink
-# configured: no deliveries row): the events row, same columns and the same
+# configured: no sink_phones row): the events row, same columns and the same
 # params document, then the opt_out_state upsert.
 cat >"$TMP/webhook.sql" <<SQL
 \\set phone random(2012000000, 9899999999)
@@ -230,11 +230,12 @@ SELECT s.sid, '$ACCOUNT_SID', '$MG_SID', '$MG_SID', s.ph, s.ph, '$TO', 'opt_out'
 ON CONFLICT (message_sid) DO NOTHING
 RETURNING id AS event_id, phone AS ev_phone
 \\gset
-INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at)
-VALUES ('$MG_SID', :ev_phone, true, :event_id, now())
+INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at, since)
+VALUES ('$MG_SID', :ev_phone, true, :event_id, now(), now())
 ON CONFLICT (scope, phone) DO UPDATE
-   SET opted_out = EXCLUDED.opted_out, event_id = EXCLUDED.event_id, changed_at = EXCLUDED.changed_at
- WHERE opt_out_state.event_id < EXCLUDED.event_id;
+   SET opted_out = EXCLUDED.opted_out, event_id = EXCLUDED.event_id, changed_at = EXCLUDED.changed_at,
+       since = CASE WHEN opt_out_state.opted_out = EXCLUDED.opted_out THEN opt_out_state.since ELSE EXCLUDED.since END
+ WHERE (opt_out_state.changed_at, opt_out_state.event_id) < (EXCLUDED.changed_at, EXCLUDED.event_id);
 END;
 SQL
 PGB=(pgbench -n -M prepared -c "$CONCURRENCY" -j 2 -f "$TMP/webhook.sql")

@@ -9,9 +9,10 @@
 #   bench/queries.sh --events 400000        # extra arguments go to query_bench
 #
 # Measured per store, 200 times each after 20 unmeasured: GET /v1/phones/{phone},
-# GET /v1/events?phone=…, GET /metrics (the queue statistics) and a relay claim
-# of 500 (with the settle that puts the batch back, for reference), p50/p99 in
-# ms; then the plans of the statements the store ran for each.
+# GET /v1/events?phone=…, GET /v1/deliveries?status=pending&sink=redcap, GET
+# /metrics (the queue statistics), a relay claim of 500 and the settle of that
+# batch as written, p50/p99 in ms; then the plans of the statements the store
+# ran for each.
 #
 # Needs: cargo; PostgreSQL with trust auth at PG_ADMIN_URL (default
 # postgres://postgres@127.0.0.1:5432/postgres) as a superuser (the plans use

@@ -7,8 +7,8 @@
 //! ```
 //!
 //! * **Phase A, throughput.** 10,000 pending opt-outs for distinct phones are
-//!   written straight into a fresh store (`record_events`, one `redcap`
-//!   delivery each); 10,000 of the fake's 20,000 records hold those phones,
+//!   written straight into a fresh store (`record_events`, one pending
+//!   `redcap` row in `sink_phones` each); 10,000 of the fake's 20,000 records hold those phones,
 //!   typed in six formats, the others hold other valid numbers. The app is
 //!   started with the default relay configuration (2 workers, batch 500,
 //!   `max_calls_per_minute` 300) and timed until every delivery is settled.
@@ -23,7 +23,8 @@
 //!   sending the webhook to first seeing its record stamped.
 //!
 //! The relay's own tracing events (`REDCap call` at debug with the call's
-//! duration after the rate limiter, `REDCap batch applied`, `delivered`) are
+//! duration after the rate limiter, `REDCap batch converged`, `sink brought
+//! to target`) are
 //! captured per worker task to split each batch cycle into: store (the
 //! claim and the previous batch's settle), wait before the export (rate
 //! limiter), export, export-to-import (phone matching + the limiter's wait for
@@ -56,7 +57,7 @@ use fake_redcap::{CallKind, FakeProject, FakeRedcap};
 use optout_relay::config::{Config, RedcapConfig};
 use optout_relay::domain::{EventKind, MessageSid, Phone};
 use optout_relay::startup::Application;
-use optout_relay::store::{NewEvent, Store};
+use optout_relay::store::{NewEvent, SinkFollow, Store};
 use optout_relay::twilio::signature::compute;
 use rand::{Rng, SeedableRng};
 use secrecy::SecretString;
@@ -128,9 +129,9 @@ enum Op {
 /// Store statements, from sqlx's own `sqlx::query` events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sql {
-    /// The relay's claim (`… attempts + 1 …`).
+    /// The relay's claim (`WITH picked AS MATERIALIZED … UPDATE sink_phones …`).
     Claim,
-    /// One delivery's outcome (`UPDATE deliveries SET status = 'done' …` and the like).
+    /// One row's outcome (`UPDATE sink_phones … WHERE id = $1 AND locked_by = $2`).
     Settle,
     /// Any COMMIT (settles and ingest alike).
     Commit,
@@ -236,12 +237,9 @@ impl<S: tracing::Subscriber> Layer<S> for Capture {
         event.record(&mut f);
         if event.metadata().target() == "sqlx::query" {
             let text = if f.statement.is_empty() { &f.summary } else { &f.statement };
-            let kind = if text.contains("attempts + 1") {
+            let kind = if text.contains("WITH picked AS MATERIALIZED") {
                 Sql::Claim
-            } else if text.contains("UPDATE deliveries SET status = 'done'")
-                || text.contains("UPDATE deliveries SET status = 'dead'")
-                || text.contains("UPDATE deliveries SET next_attempt_at")
-            {
+            } else if text.contains("UPDATE sink_phones") && text.contains("WHERE id = $1 AND locked_by = $2") {
                 Sql::Settle
             } else if text.trim().eq_ignore_ascii_case("COMMIT") {
                 Sql::Commit
@@ -264,11 +262,10 @@ impl<S: tracing::Subscriber> Layer<S> for Capture {
                 let elapsed = Duration::from_millis(f.u.get("elapsed_ms").copied().unwrap_or(0));
                 Ev::Call { op, elapsed, ok: f.ok.unwrap_or(true) }
             }
-            "REDCap batch applied" => Ev::Applied,
-            "delivered" => Ev::Delivered {
-                n: f.u.get("deliveries").copied().unwrap_or(0),
-                ms: f.u.get("ms").copied().unwrap_or(0),
-            },
+            "REDCap batch converged" => Ev::Applied,
+            "sink brought to target" => {
+                Ev::Delivered { n: f.u.get("phones").copied().unwrap_or(0), ms: f.u.get("ms").copied().unwrap_or(0) }
+            }
             _ => return,
         };
         LOG.lock().unwrap().push(Rec { t, task: tokio::task::try_id(), ev });
@@ -491,7 +488,7 @@ async fn seeded(db: &Db, phones: &[String]) -> anyhow::Result<Store> {
                 })
             })
             .collect::<anyhow::Result<_>>()?;
-        store.record_events(&events, &["redcap"]).await?;
+        store.record_events(&events, &[SinkFollow { sink: "redcap".into(), scopes: None }]).await?;
     }
     Ok(store)
 }
