@@ -273,3 +273,195 @@ fn operator_commands_answer_without_a_server() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("re-queued 0"));
 }
+
+/// The REDCap sink the sink commands use: nothing listens there, so a running
+/// `serve` backs off.
+fn with_unreachable_redcap(c: &mut Command) -> &mut Command {
+    c.env("OPTOUT_RELAY__REDCAP__URL", "http://127.0.0.1:9/api/")
+        .env("OPTOUT_RELAY__REDCAP__TOKEN", "0123456789ABCDEF0123456789ABCDEF")
+        .env("OPTOUT_RELAY__REDCAP__PHONE_FIELD", "phone")
+        .env("OPTOUT_RELAY__REDCAP__OPTOUT_FIELD", "opted_out_at")
+}
+
+/// The `[email]` shorthand: a sink named `email`, not a REDCap one.
+fn with_email(c: &mut Command) -> &mut Command {
+    c.env("OPTOUT_RELAY__EMAIL__SMTP_HOST", "127.0.0.1")
+        .env("OPTOUT_RELAY__EMAIL__SMTP_PORT", "9")
+        .env("OPTOUT_RELAY__EMAIL__FROM", "relay@example.org")
+        .env("OPTOUT_RELAY__EMAIL__TO", "ops@example.org")
+}
+
+fn stdout_json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// `status` without a phone lists the sinks (health, backlog); `retry SINK`
+/// makes a failing sink due now; `resync` refuses a sink that is unknown or
+/// not REDCap, saying so. Against the database a `serve` left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_commands_report_release_and_refuse_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let run = |args: &[&str]| with_unreachable_redcap(&mut command(dir.path(), port)).args(args).output().unwrap();
+
+    // Before any `serve`, the sink is configured but unknown to the store.
+    assert!(run(&["migrate"]).status.success());
+    let out = run(&["status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sinks = stdout_json(&out);
+    assert_eq!(sinks[0]["name"], "redcap", "{sinks}");
+    assert_eq!(sinks[0]["type"], "redcap");
+    assert_eq!(sinks[0]["health"], "unknown");
+    let out = run(&["retry", "redcap"]);
+    assert!(!out.status.success(), "nothing to release before the sink ever ran");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has not run yet"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let server = Mutex::new(
+        with_unreachable_redcap(&mut command(dir.path(), port)).arg("serve").stderr(Stdio::null()).spawn().unwrap(),
+    );
+    wait_healthy(&server, || healthcheck(dir.path(), port)).await;
+    let out = run(&["opt-out", "415-555-0189", "--source", "desk:amy"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sinks = eventually_some("the sink backing off, as `status` prints it", || async {
+        let out = run(&["status"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let sinks = stdout_json(&out);
+        (sinks[0]["health"] == "backing_off").then_some(sinks)
+    })
+    .await;
+    assert_eq!(sinks.as_array().unwrap().len(), 1, "{sinks}");
+    assert_eq!(sinks[0]["waiting"], 1, "{sinks}");
+    assert!(sinks[0]["oldest_waiting_seconds"].as_i64().is_some(), "{sinks}");
+    assert!(sinks[0]["failing_since"].is_string() && sinks[0]["last_error"].is_string(), "{sinks}");
+    assert!(terminate(&server).await.success());
+
+    // The phone: the sink should hold the opt-out and holds nothing yet.
+    let status = stdout_json(&run(&["status", "4155550189"]));
+    assert_eq!(status["sinks"][0]["sink"], "redcap", "{status}");
+    assert_eq!(status["sinks"][0]["target"]["opted_out"], true);
+    assert!(status["sinks"][0]["written"].is_null());
+    assert_eq!(status["sinks"][0]["in_sync"], false);
+
+    // Released on demand: due now.
+    let before = chrono::Utc::now().timestamp_millis();
+    let out = run(&["retry", "redcap"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sink redcap is due now"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let db = format!("sqlite://{}", dir.path().join("optout-relay.db").display());
+    let due =
+        crate::common::query_texts(&db, "SELECT CAST(next_probe_at AS TEXT) FROM sinks WHERE name = 'redcap'").await;
+    let due: i64 = due[0].parse().unwrap();
+    assert!(due >= before - 1000 && due <= chrono::Utc::now().timestamp_millis(), "next_probe_at {due}, now {before}");
+
+    // Unknown sinks and a sink that is not REDCap: a clear refusal, exit ≠ 0.
+    for args in [&["retry", "nosuch"][..], &["resync", "nosuch"][..]] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("no sink") && err.contains("nosuch") && err.contains("in the configuration"),
+            "{args:?}: {err}"
+        );
+    }
+    let out =
+        with_email(with_unreachable_redcap(&mut command(dir.path(), port))).args(["resync", "email"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("email is not a configured REDCap sink"), "{err}");
+}
+
+/// The `[sinks.study_a]` file the check-config tests use, pointing at `url`.
+fn named_sink_file(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
+    let file = dir.join("sinks.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[sinks.study_a]\ntype = \"redcap\"\nurl = \"{url}\"\nphone_field = \"phone\"\n\
+             optout_field = \"opted_out_at\"\nscopes = [\"MG11111111111111111111111111111111\"]\n"
+        ),
+    )
+    .unwrap();
+    file
+}
+
+const STUDY_A_TOKEN: &str = "0123456789ABCDEF0123456789ABCDEF";
+
+fn check_named_sink(dir: &std::path::Path, file: &std::path::Path, token: Option<&str>) -> std::process::Output {
+    let mut c = command(dir, free_port());
+    if let Some(t) = token {
+        c.env("OPTOUT_RELAY__SINKS__STUDY_A__TOKEN", t);
+    }
+    c.args(["check-config", "--config"]).arg(file).output().unwrap()
+}
+
+/// `check-config` with a named sink table, its token from the environment:
+/// valid; without the token, refused naming it.
+#[test]
+fn check_config_accepts_a_named_sink_table() {
+    use crate::common::fake_redcap::{FakeProject, FakeRedcap};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let good = rt.block_on(FakeRedcap::start(FakeProject::new(
+        STUDY_A_TOKEN,
+        &[("record_id", "f", ""), ("phone", "f", ""), ("opted_out_at", "f", "datetime_ymd")],
+    )));
+    let dir = tempfile::tempdir().unwrap();
+    let file = named_sink_file(dir.path(), &good.url);
+    let out = check_named_sink(dir.path(), &file, Some(STUDY_A_TOKEN));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("configuration OK"), "{text}");
+    assert!(!text.contains(STUDY_A_TOKEN), "token printed: {text}");
+
+    let out = check_named_sink(dir.path(), &file, None);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "no token, yet: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains("token"), "{err}");
+    // A bad sink name is a problem too.
+    std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("study_a", "Study A")).unwrap();
+    let out = check_named_sink(dir.path(), &file, Some(STUDY_A_TOKEN));
+    assert!(!out.status.success());
+    drop(rt);
+}
+
+/// ...and REDCap is asked about a named REDCap sink as about the `[redcap]`
+/// shorthand: a date-only opt-out field fails the check.
+#[test]
+#[ignore = "bug: check-config (src/main.rs check_config) only checks config.redcap, the [redcap] shorthand, \
+            against REDCap; a [sinks.NAME] REDCap sink is never contacted, so its bad token or date-only \
+            field passes, and problems are labelled \"redcap:\" whatever the sink's name"]
+fn check_config_asks_redcap_about_a_named_sink() {
+    use crate::common::fake_redcap::{FakeProject, FakeRedcap};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let good = rt.block_on(FakeRedcap::start(FakeProject::new(
+        STUDY_A_TOKEN,
+        &[("record_id", "f", ""), ("phone", "f", ""), ("opted_out_at", "f", "datetime_ymd")],
+    )));
+    let date_only = rt.block_on(FakeRedcap::start(FakeProject::new(
+        STUDY_A_TOKEN,
+        &[("record_id", "f", ""), ("phone", "f", ""), ("opted_out_at", "f", "date_ymd")],
+    )));
+    let dir = tempfile::tempdir().unwrap();
+    let out = check_named_sink(dir.path(), &named_sink_file(dir.path(), &good.url), Some(STUDY_A_TOKEN));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(good.calls() > 0, "REDCap was not asked about sink study_a: {text}");
+
+    let out = check_named_sink(dir.path(), &named_sink_file(dir.path(), &date_only.url), Some(STUDY_A_TOKEN));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "a date-only field in study_a passes: {text}");
+    assert!(text.contains("FAIL") && text.contains("study_a"), "{text}");
+
+    let out = check_named_sink(dir.path(), &named_sink_file(dir.path(), &good.url), Some(&"F".repeat(32)));
+    assert!(!out.status.success(), "a refused token fails the check");
+    drop(rt);
+}

@@ -202,7 +202,10 @@ async fn replayed_message_sid_changes_nothing(b: Backend) {
     }
     assert_eq!(event_count(&app.store).await, 2);
     assert_eq!(opted_out(&app.store, from).await, Some(false), "the retry must not re-opt-out");
-    assert_eq!(deliveries(&app.store, None).await.len(), 2, "one delivery per event and sink");
+    let rows = deliveries(&app.store, None).await;
+    assert_eq!(rows.len(), 1, "one row per sink and phone");
+    let start = events(&app.store).await.into_iter().find(|e| e.message_sid == "SMlater").expect("the START");
+    assert_eq!(rows[0].event_id, Some(start.id), "the retried STOP did not make it the row's cause");
     app.stop().await;
 }
 
@@ -219,7 +222,7 @@ async fn concurrent_webhooks_are_each_recorded_once(b: Backend) {
         assert_eq!(t.await.unwrap(), 200);
     }
     assert_eq!(event_count(&app.store).await, 40);
-    assert_eq!(deliveries(&app.store, None).await.len(), 40);
+    assert_eq!(deliveries(&app.store, None).await.len(), 40, "one row per phone for the one sink");
     app.stop().await;
 }
 
@@ -322,23 +325,23 @@ async fn store_down_answers_503_and_records_nothing(b: Backend) {
 
 async fn a_failing_commit_answers_503_and_leaves_nothing_half_written(b: Backend) {
     let app = spawn_app_with(b, with_sink).await;
-    // Make the last write of the transaction (the delivery row) fail.
+    // Make the last write of the transaction (the sink's row) fail.
     let trigger: &[&str] = match b {
         Backend::Postgres => &[
             "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$ LANGUAGE plpgsql",
-            "CREATE TRIGGER refuse BEFORE INSERT ON deliveries FOR EACH ROW EXECUTE FUNCTION refuse()",
+            "CREATE TRIGGER refuse BEFORE INSERT ON sink_phones FOR EACH ROW EXECUTE FUNCTION refuse()",
         ],
         Backend::Sqlite => {
-            &["CREATE TRIGGER refuse BEFORE INSERT ON deliveries BEGIN SELECT RAISE(ABORT, 'disk full'); END"]
+            &["CREATE TRIGGER refuse BEFORE INSERT ON sink_phones BEGIN SELECT RAISE(ABORT, 'disk full'); END"]
         }
     };
     exec(&app.db_url, trigger).await;
     let stop = stop_params("SMhalf", "+14155551301", "STOP", Some("STOP"));
     assert_eq!(app.post_signed(&stop, TOKEN).await.status(), 503);
-    assert_eq!(event_count(&app.store).await, 0, "no event without its delivery");
+    assert_eq!(event_count(&app.store).await, 0, "no event without its sink's row");
     assert_eq!(opted_out(&app.store, "+14155551301").await, None);
     // Fixed: Twilio's retry of the same message is recorded in full.
-    let drop = if b == Backend::Postgres { "DROP TRIGGER refuse ON deliveries" } else { "DROP TRIGGER refuse" };
+    let drop = if b == Backend::Postgres { "DROP TRIGGER refuse ON sink_phones" } else { "DROP TRIGGER refuse" };
     exec(&app.db_url, &[drop]).await;
     assert_eq!(app.post_signed(&stop, TOKEN).await.status(), 200);
     assert_eq!(event_count(&app.store).await, 1);
@@ -388,16 +391,17 @@ async fn a_batch_keeps_arrival_order_for_one_phone(b: Backend) {
         source: "twilio".into(),
     };
     use optout_relay::domain::EventKind::{OptIn, OptOut};
-    // The STOP arrives first but its sid sorts last.
+    // The STOP arrives first but its sid sorts last; both said at the same instant.
     let batch = [event("SMzzzz", OptOut), event("SMaaaa", OptIn)];
-    app.store.record_events(&batch, &["redcap"]).await.unwrap();
+    let sinks = [optout_relay::store::SinkFollow { sink: "redcap".into(), scopes: None }];
+    app.store.record_events(&batch, &sinks).await.unwrap();
     assert_eq!(opted_out(&app.store, "+14155551501").await, Some(false), "the later START wins");
+    let recorded = events(&app.store).await;
+    let sids: Vec<&str> = recorded.iter().map(|e| e.message_sid.as_str()).collect();
+    assert_eq!(sids, ["SMzzzz", "SMaaaa"], "ids follow arrival order");
     let rows = deliveries(&app.store, None).await;
-    assert_eq!(
-        rows.iter().map(|d| d.kind.as_str()).collect::<Vec<_>>(),
-        ["opt_out", "opt_in"],
-        "relayed in arrival order"
-    );
+    assert_eq!(rows.len(), 1, "one row for the sink and phone");
+    assert_eq!(rows[0].event_id, Some(recorded[1].id), "made pending by the newest, the START");
     app.stop().await;
 }
 

@@ -80,6 +80,7 @@ async fn a_delivery_in_hand_at_shutdown_is_finished() {
     let fresh = optout_relay::store::Store::connect_lazy(&base_config(&db_url).database).unwrap();
     let rows = deliveries(&fresh, None).await;
     assert_eq!(rows[0].status, "done", "settled before exit, not left to a lease");
+    assert_eq!(rows[0].written_opted_out, Some(true), "what was written is recorded");
     fresh.close().await;
     drop_database(&db_url).await;
 }
