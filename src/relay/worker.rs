@@ -107,7 +107,7 @@ impl Worker {
             return Ok(Pass::Idle(policy.poll_interval));
         }
         let deadline = (claimed_at + policy.lease).checked_sub(LEASE_MARGIN).unwrap_or(claimed_at);
-        let outcome = match &self.sink.kind {
+        let (outcome, settles) = match &self.sink.kind {
             SinkKind::Redcap { sink, .. } => self.converge(batch, sink, deadline).await?,
             SinkKind::Email { sink, report_wait, .. } => self.notify(batch, sink, *report_wait, deadline).await?,
         };
@@ -132,7 +132,10 @@ impl Worker {
                 let delay = backoff::probe_delay(policy, step, &error, rand::random::<f64>());
                 let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::minutes(15));
                 log_failure(name, &error, delay);
+                // The sink's backoff first, then the rows back: another worker
+                // must not take them to a sink this one found failing.
                 store.sink_failed(name, backoff::failing(&error), step, next, &error.to_string()).await?;
+                self.settle(&settles).await;
                 let expired = store.expire(name, self.dead_before(), &error.to_string()).await?;
                 if expired > 0 {
                     metrics::delivery(name, "dead", expired);
@@ -145,6 +148,7 @@ impl Worker {
                 return Ok(Pass::Idle(Duration::ZERO));
             }
         }
+        self.settle(&settles).await;
         Ok(Pass::Busy)
     }
 
@@ -153,13 +157,13 @@ impl Worker {
     }
 
     /// Brings a batch to its targets (one sink call for the rows that need
-    /// it) and settles every row. The sink starts no write past `deadline`.
+    /// it) and says how every row ends. The sink starts no write past `deadline`.
     async fn converge(
         &self,
         batch: Vec<ClaimedPhone>,
         sink: &crate::sinks::redcap::RedcapSink,
         deadline: tokio::time::Instant,
-    ) -> Result<Called, StoreError> {
+    ) -> Result<(Called, Vec<Settled>), StoreError> {
         let states = self.states(&batch).await?;
         let name = self.sink.name.as_str();
         let mut settles = Vec::with_capacity(batch.len());
@@ -214,8 +218,7 @@ impl Worker {
                 }
             }
         };
-        self.settle(&settles).await;
-        Ok(called)
+        Ok((called, settles))
     }
 
     /// Sends one notification per changed phone, with what every other sink
@@ -227,7 +230,7 @@ impl Worker {
         email: &crate::sinks::email::EmailSink,
         report_wait: Duration,
         deadline: tokio::time::Instant,
-    ) -> Result<Called, StoreError> {
+    ) -> Result<(Called, Vec<Settled>), StoreError> {
         let states = self.states(&batch).await?;
         let name = self.sink.name.as_str();
         let now = Utc::now();
@@ -292,8 +295,7 @@ impl Worker {
                 }
             }
         }
-        self.settle(&settles).await;
-        Ok(called)
+        Ok((called, settles))
     }
 
     /// What every other configured sink did for this phone.

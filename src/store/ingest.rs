@@ -53,12 +53,15 @@ async fn record_in_one_statement(
             Some(scopes) => scopes.iter().map(|s| (f.sink.clone(), Some(s.clone()))).collect(),
         })
         .unzip();
+    let runs = runs(events, unique);
     let pick = |f: &dyn Fn(&NewEvent) -> Option<String>| unique.iter().map(|&i| f(&events[i])).collect::<Vec<_>>();
     let rows = sqlx::query(
         "WITH input AS (
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                                  $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[])
-                    WITH ORDINALITY AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at, source, ord)
+                                  $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
+                                  $17::timestamptz[], $18::bool[])
+                    WITH ORDINALITY AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at, source,
+                                         run_since, whole, ord)
          ), ins AS (
              INSERT INTO events (message_sid, account_sid, messaging_service_sid, scope, phone, from_raw,
                                  to_number, kind, body, params, received_at, source)
@@ -69,17 +72,25 @@ async fn record_in_one_statement(
              ON CONFLICT (message_sid) DO NOTHING
              RETURNING id, message_sid, scope, phone, kind, received_at
          ), newest AS (
-             SELECT DISTINCT ON (scope, phone) scope, phone, kind, id, received_at
-               FROM ins WHERE kind <> 'help'
-              ORDER BY scope, phone, received_at DESC, id DESC
+             -- The batch's newest change per (scope, phone), with when its run
+             -- began in the batch and whether the batch holds nothing else.
+             SELECT DISTINCT ON (ins.scope, ins.phone) ins.scope, ins.phone, ins.kind, ins.id, ins.received_at,
+                    input.run_since, input.whole
+               FROM ins JOIN input ON input.sid = ins.message_sid
+              WHERE ins.kind <> 'help'
+              ORDER BY ins.scope, ins.phone, ins.received_at DESC, ins.id DESC
          ), state AS (
              INSERT INTO opt_out_state (scope, phone, opted_out, event_id, changed_at, since)
-             SELECT scope, phone, kind = 'opt_out', id, received_at, received_at FROM newest
+             SELECT scope, phone, kind = 'opt_out', id, received_at, run_since FROM newest
               -- A fixed lock order, so concurrent batches cannot deadlock.
               ORDER BY scope, phone
              ON CONFLICT (scope, phone) DO UPDATE
                 SET opted_out = EXCLUDED.opted_out, event_id = EXCLUDED.event_id, changed_at = EXCLUDED.changed_at,
+                    -- A stored value of the same kind continues the run only if the
+                    -- batch did not change it in between.
                     since = CASE WHEN opt_out_state.opted_out = EXCLUDED.opted_out
+                                      AND (SELECT n.whole FROM newest n
+                                            WHERE n.scope = EXCLUDED.scope AND n.phone = EXCLUDED.phone)
                                  THEN opt_out_state.since ELSE EXCLUDED.since END
               WHERE (opt_out_state.changed_at, opt_out_state.event_id) < (EXCLUDED.changed_at, EXCLUDED.event_id)
          ), touched AS (
@@ -119,6 +130,8 @@ async fn record_in_one_statement(
     .bind(follow_scopes)
     .bind(Ts(Utc::now()))
     .bind(ORGANISATION_SCOPE)
+    .bind(runs.iter().map(|r| r.0).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.1).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?;
 
@@ -208,6 +221,35 @@ async fn record_one_by_one(
     }
     tx.commit().await?;
     Ok(inserted)
+}
+
+/// Per unique event: when the run of its kind that it ends began within the
+/// batch (its own time if the one before it changed the other way), and
+/// whether that run is all the batch holds for its (scope, phone) — only then
+/// may a stored state of the same kind carry its older start on. SQLite,
+/// recording one event at a time, needs none of this.
+fn runs(events: &[NewEvent], unique: &[usize]) -> Vec<(chrono::DateTime<Utc>, bool)> {
+    let mut out: Vec<(chrono::DateTime<Utc>, bool)> = unique.iter().map(|&i| (events[i].received_at, true)).collect();
+    let mut groups: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+    for (pos, &i) in unique.iter().enumerate() {
+        let e = &events[i];
+        if e.kind.changes_consent() {
+            groups.entry((e.scope.as_str(), e.phone.as_str())).or_default().push(pos);
+        }
+    }
+    for list in groups.values_mut() {
+        // The order the state follows: when said, then arrival.
+        list.sort_by_key(|&pos| (events[unique[pos]].received_at, pos));
+        let mut start = 0;
+        for n in 0..list.len() {
+            let kind = |k: usize| events[unique[list[k]]].kind;
+            if n > 0 && kind(n - 1) != kind(n) {
+                start = n;
+            }
+            out[list[n]] = (events[unique[list[start]]].received_at, start == 0);
+        }
+    }
+    out
 }
 
 /// Whether sink `f` follows an event of `scope`: organisation-wide events

@@ -315,9 +315,12 @@ impl Store {
 
 /// A re-read owed after a write that may have landed late: pending, due at
 /// `$2` (or earlier if already due), and again at `$3`. A row that was not
-/// pending starts a fresh `max_age` clock.
+/// pending starts a fresh `max_age` clock. The generation moves on, so a
+/// worker holding the row (whose read may predate the stray write) does not
+/// settle it as done: it stays due at once.
 const RECHECK: &str = "UPDATE sink_phones
-    SET next_attempt_at = CASE WHEN status = 'pending' AND next_attempt_at < $2 THEN next_attempt_at ELSE $2 END,
+    SET generation = generation + 1,
+        next_attempt_at = CASE WHEN status = 'pending' AND next_attempt_at < $2 THEN next_attempt_at ELSE $2 END,
         queued_at = CASE WHEN status = 'pending' THEN queued_at ELSE $4 END,
         status = 'pending', recheck_at = $3, uncertain = TRUE, updated_at = $4
   WHERE id = $1";

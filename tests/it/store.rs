@@ -748,9 +748,6 @@ async fn since_is_kept_the_same_way_within_one_batch_on_sqlite() {
     since_is_kept_the_same_way_within_one_batch(Backend::Sqlite).await;
 }
 
-#[ignore = "bug: PostgreSQL's one-statement batch (store/ingest.rs, CTE `newest`) upserts only the newest \
-            event per (scope, phone), so `since` ignores the batch's other events: STOP t0 + STOP t10 \
-            gives since = t10, and START t20 + STOP t30 on a phone opted out since t0 keeps since = t0"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_is_kept_the_same_way_within_one_batch_on_postgres() {
     since_is_kept_the_same_way_within_one_batch(Backend::Postgres).await;
@@ -864,9 +861,6 @@ both_backends!(
     each_event_marks_only_the_sinks_that_follow_its_scope,
     a_newer_event_bumps_the_generation_and_a_write_of_the_older_target_stays_pending,
     a_write_settled_after_its_lease_was_lost_is_re_read_soon_and_late,
-    #[ignore = "bug: a stale settle (RECHECK) on a row another worker holds keeps that row's earlier \
-                next_attempt_at, so `soon` is stored nowhere; the holder's Written settle then moves the \
-                row to recheck_at (late) and clears it: the soon re-read is lost (store/queue.rs)"]
     a_write_settled_late_while_another_worker_holds_the_row_is_re_read_too,
     a_new_sink_gets_the_opt_outs_it_follows_and_a_known_one_is_made_due,
     one_of_two_concurrent_callers_takes_the_probe,
