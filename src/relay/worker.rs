@@ -25,9 +25,6 @@ use crate::store::{ClaimedPhone, DeliveryRow, Settle, Settled, StateRow, StoreEr
 
 /// How long before its lease ends a worker stops starting sink calls.
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
-/// Time left on the lease below which no further message is started (an
-/// SMTP exchange's worst case at the default `email.timeout`).
-const MAIL_TIME: Duration = Duration::from_secs(30);
 /// How often a notification waiting for other sinks looks again.
 const REPORT_POLL: Duration = Duration::from_secs(2);
 
@@ -101,8 +98,17 @@ impl Worker {
         let batch = store.claim(name, &self.owner, limit, policy.lease).await?;
         if batch.is_empty() {
             if failing.is_some() {
-                // Nothing waits for this sink: nothing is failing.
-                store.sink_ok(name).await?;
+                if store.has_pending(name).await? {
+                    // What waits is not due yet (a re-read after an uncertain
+                    // write): only a call that succeeds ends a failure, so the
+                    // probe is taken again when something is due.
+                    let next = Utc::now()
+                        + chrono::Duration::from_std(policy.poll_interval).unwrap_or(chrono::Duration::seconds(1));
+                    store.probe_at(name, next).await?;
+                } else {
+                    // Nothing waits for this sink: nothing is failing.
+                    store.sink_ok(name).await?;
+                }
             }
             return Ok(Pass::Idle(policy.poll_interval));
         }
@@ -237,7 +243,9 @@ impl Worker {
         let mut settles = Vec::with_capacity(batch.len());
         let mut called = Called::Nothing;
         for (i, row) in batch.iter().enumerate() {
-            if deadline.saturating_duration_since(tokio::time::Instant::now()) < MAIL_TIME {
+            // The first message always goes (a lease shorter than a message
+            // would otherwise send nothing, ever); the next only if it fits.
+            if i > 0 && deadline.saturating_duration_since(tokio::time::Instant::now()) < email.timeout() {
                 // The lease could run out mid-message: the rest goes in the next batch.
                 for r in &batch[i..] {
                     settles.push(Settled { id: r.id, generation: r.generation, how: Settle::Wait { until: now } });

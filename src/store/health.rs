@@ -171,14 +171,32 @@ impl Store {
     /// Makes a backing-off or misconfigured sink due at once (an operator's
     /// retry). Returns false for an unknown sink.
     pub async fn release_sink(&self, name: &str) -> Result<bool, StoreError> {
+        self.probe_at(name, Utc::now()).await
+    }
+
+    /// Moves the sink's next probe to `at`, keeping its health and backoff step.
+    pub async fn probe_at(&self, name: &str, at: DateTime<Utc>) -> Result<bool, StoreError> {
         let now = Ts(Utc::now());
         on_pool!(self, pool => {
-            let done = sqlx::query("UPDATE sinks SET next_probe_at = $2, updated_at = $2 WHERE name = $1")
+            let done = sqlx::query("UPDATE sinks SET next_probe_at = $2, updated_at = $3 WHERE name = $1")
                 .bind(name)
+                .bind(Ts(at))
                 .bind(now)
                 .execute(pool)
                 .await?;
             Ok(done.rows_affected() == 1)
+        })
+    }
+
+    /// Whether anything at all waits for `sink` (due or not).
+    pub async fn has_pending(&self, sink: &str) -> Result<bool, StoreError> {
+        on_pool!(self, pool => {
+            let one: Option<i64> =
+                sqlx::query_scalar("SELECT id FROM sink_phones WHERE sink = $1 AND status = 'pending' LIMIT 1")
+                    .bind(sink)
+                    .fetch_optional(pool)
+                    .await?;
+            Ok(one.is_some())
         })
     }
 

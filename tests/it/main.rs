@@ -5,14 +5,14 @@
 
 mod common;
 
-//mod admin;
-//mod binary;
+mod admin;
+mod binary;
 mod config;
 mod converge;
 mod email_sink;
-//mod ingest;
+mod ingest;
 mod redcap_sink;
-//mod relay;
-//mod shutdown;
-//mod store;
-//mod supervise;
+mod relay;
+mod shutdown;
+mod store;
+mod supervise;

@@ -940,7 +940,6 @@ both_backends!(
     a_dead_row_replayed_rechecks_the_current_target,
     a_start_recorded_while_a_replayed_stop_is_written_lands_after_it,
     redcap_down_then_up_loses_nothing,
-    #[ignore = "bug: relay/worker.rs pass() calls sink_ok when a probe claims nothing, but the row only waits for its re-read (recheck_soon), so failing_since restarts after every uncertain write and the alert never fires"]
     a_sink_whose_every_write_is_uncertain_stays_failing,
     a_wrong_token_is_reported_and_everything_lands_once_fixed,
     no_matching_record_is_done_with_zero_records,

@@ -36,6 +36,8 @@ pub struct EmailSink {
     tz: Tz,
     /// Kept only to scrub it from error text, should a server ever echo it.
     password: Option<SecretString>,
+    /// The SMTP timeout: the longest one message can take.
+    timeout: std::time::Duration,
 }
 
 /// What the server said to a message it accepted.
@@ -89,7 +91,13 @@ impl EmailSink {
             to,
             tz,
             password: cfg.password.clone().filter(|p| !p.expose_secret().is_empty()),
+            timeout: cfg.timeout,
         })
+    }
+
+    /// The longest sending one message can take (`email.timeout`).
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
     }
 
     /// Sends the notification of one phone's change. On success the value
