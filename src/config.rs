@@ -316,6 +316,9 @@ pub enum TimestampFormat {
 pub struct RedcapConfig {
     /// The API endpoint, e.g. `https://redcap.example.edu/api/`.
     pub url: String,
+    /// Missing is allowed here so that `check-config` can say which
+    /// environment variable to set, instead of a parse error.
+    #[serde(default = "empty_secret")]
     pub token: SecretString,
     pub phone_field: String,
     #[serde(default)]
@@ -774,6 +777,10 @@ fn valid_sink_name(name: &str) -> bool {
 }
 
 /// The environment variable that sets `key` under `path` (`sinks.study_a`).
+fn empty_secret() -> SecretString {
+    SecretString::from("")
+}
+
 fn env_var(path: &str, key: &str) -> String {
     format!("{ENV_PREFIX}{}__{}", path.replace('.', "__"), key).to_ascii_uppercase()
 }

@@ -228,6 +228,8 @@ fn sinks_of(config: &Config) -> anyhow::Result<Vec<Arc<Sink>>> {
 async fn status(config: Config, raw: Option<&str>) -> anyhow::Result<ExitCode> {
     let sinks = sinks_of(&config)?;
     let store = Store::connect_lazy(&config.database)?;
+    // A fresh directory has no tables yet: the answer is "nothing", not an error.
+    store.migrate().await?;
     let out = match raw {
         Some(raw) => {
             let phone = phone_arg(&config, raw)?;
@@ -246,6 +248,7 @@ async fn retry(config: Config, name: &str) -> anyhow::Result<ExitCode> {
         anyhow::bail!("no sink {name:?} in the configuration");
     }
     let store = Store::connect_lazy(&config.database)?;
+    store.migrate().await?;
     let known = store.release_sink(name).await?;
     store.close().await;
     if !known {
@@ -263,7 +266,10 @@ async fn resync(config: Config, name: &str) -> anyhow::Result<ExitCode> {
     let sink =
         sinks.iter().find(|s| s.name == name).with_context(|| format!("no sink {name:?} in the configuration"))?;
     let store = Store::connect_lazy(&config.database)?;
-    let report = resync::run(&store, sink).await;
+    store.migrate().await?;
+    let late = chrono::Utc::now()
+        + chrono::Duration::from_std(config.relay.recheck_late).unwrap_or(chrono::Duration::minutes(10));
+    let report = resync::run(&store, sink, late).await;
     store.close().await;
     println!("{}", serde_json::to_string_pretty(&report?)?);
     Ok(ExitCode::SUCCESS)

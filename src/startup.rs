@@ -198,13 +198,8 @@ fn start_relay(
         let follows = relay::follows(&relay.sinks);
         let mut delay = Duration::from_millis(200);
         loop {
-            match relay.store.register_sinks(&follows).await {
-                Ok(added) => {
-                    for name in added {
-                        tracing::info!(sink = %name, "new sink: it will receive every opt-out it follows");
-                    }
-                    break;
-                }
+            match register(&relay, &follows).await {
+                Ok(()) => break,
                 Err(e) => tracing::warn!(error = %e, "cannot register the sinks yet; retrying"),
             }
             tokio::select! {
@@ -217,6 +212,24 @@ fn start_relay(
         handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(spawned);
     });
     drop(handle);
+}
+
+/// Registers every sink (each due at once) and backfills the REDCap ones
+/// with the opt-outs recorded without them. Email is not backfilled: a new
+/// mail sink would otherwise send one message per opt-out ever recorded.
+async fn register(relay: &Relay, follows: &[crate::store::SinkFollow]) -> Result<(), crate::store::StoreError> {
+    for name in relay.store.register_sinks(follows).await? {
+        tracing::info!(sink = %name, "new sink");
+    }
+    for (sink, follow) in relay.sinks.iter().zip(follows) {
+        if matches!(sink.kind, SinkKind::Redcap { .. }) {
+            let added = relay.store.backfill(follow).await?;
+            if added > 0 {
+                tracing::info!(sink = %sink.name, phones = added, "opt-outs recorded without this sink are queued for it");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Applies migrations, retrying while the database is unreachable so a

@@ -48,12 +48,23 @@ pub async fn opted_out(store: &Store, sink: &Sink) -> Result<Vec<(Phone, DateTim
 }
 
 /// Runs one resync of `sink` now (the periodic task and `optout-relay resync`).
-pub async fn run(store: &Store, sink: &Sink) -> Result<ResyncReport, ResyncError> {
+/// `late`: when a phone re-read after the resync is read once more, after a
+/// late-landing import (`relay.recheck_late` from now).
+pub async fn run(store: &Store, sink: &Sink, late: DateTime<Utc>) -> Result<ResyncReport, ResyncError> {
     let SinkKind::Redcap { sink: redcap, .. } = &sink.kind else {
         return Err(ResyncError::NotRedcap(sink.name.clone()));
     };
     let phones = opted_out(store, sink).await?;
-    let report = redcap.resync(&phones).await?;
+    let result = redcap.resync(&phones).await;
+    // The resync stamped without a lease: record that the sink holds these
+    // opt-outs, and have a worker re-read every phone whose target moved
+    // while it ran (a START meanwhile) — all of them if the import's outcome
+    // is unknown — so a stamp it put on a phone just opted in is cleared.
+    let uncertain = matches!(result, Err(SinkError::Uncertain(_)));
+    if result.is_ok() || uncertain {
+        record(store, sink, &phones, uncertain, late).await?;
+    }
+    let report = result?;
     tracing::info!(
         sink = %sink.name,
         phones = report.phones,
@@ -62,6 +73,34 @@ pub async fn run(store: &Store, sink: &Sink) -> Result<ResyncReport, ResyncError
         "resync done"
     );
     Ok(report)
+}
+
+/// What the resync left, recorded per phone (see [`run`]).
+async fn record(
+    store: &Store,
+    sink: &Sink,
+    phones: &[(Phone, DateTime<Utc>)],
+    uncertain: bool,
+    late: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    // Chunks keep each statement's bound values well under SQLite's limit.
+    for chunk in phones.chunks(500) {
+        let list: Vec<Phone> = chunk.iter().map(|(p, _)| p.clone()).collect();
+        let mut by_phone: BTreeMap<String, Vec<StateRow>> = BTreeMap::new();
+        for s in store.states_of(&list).await? {
+            by_phone.entry(s.phone.clone()).or_default().push(s);
+        }
+        let entries: Vec<(Phone, DateTime<Utc>, bool)> = chunk
+            .iter()
+            .map(|(phone, since)| {
+                let now = by_phone.get(phone.as_str()).map_or(&[][..], Vec::as_slice);
+                let moved = target(now, sink.scopes.as_deref()) != (Target::OptedOut { since: *since });
+                (phone.clone(), *since, uncertain || moved)
+            })
+            .collect();
+        store.record_resync(&sink.name, &entries, late).await?;
+    }
+    Ok(())
 }
 
 /// The periodic task: one resync per `resync_interval` across replicas,
@@ -73,7 +112,9 @@ pub async fn every(relay: Arc<Relay>, sink: Arc<Sink>, shutdown: CancellationTok
     loop {
         match due(&relay.store, &sink.name, interval).await {
             Ok(true) => {
-                if let Err(e) = run(&relay.store, &sink).await {
+                let late = Utc::now()
+                    + chrono::Duration::from_std(relay.policy.recheck_late).unwrap_or(chrono::Duration::minutes(10));
+                if let Err(e) = run(&relay.store, &sink, late).await {
                     tracing::warn!(sink = %sink.name, error = %e, "resync failed; the next round will try again");
                 }
             }

@@ -95,20 +95,37 @@ impl Worker {
             None => self.sink.batch_size(policy.batch_size),
         };
         let claimed_at = tokio::time::Instant::now();
-        let batch = store.claim(name, &self.owner, limit, policy.lease).await?;
+        let late = self.recheck_times().1;
+        let batch = store.claim_with_recheck(name, &self.owner, limit, policy.lease, late).await?;
         if batch.is_empty() {
             if failing.is_some() {
+                // Only a call that succeeds ends a failure, not an empty queue.
                 if store.has_pending(name).await? {
                     // What waits is not due yet (a re-read after an uncertain
-                    // write): only a call that succeeds ends a failure, so the
-                    // probe is taken again when something is due.
+                    // write): that write is the probe, taken when it is due.
                     let next = Utc::now()
                         + chrono::Duration::from_std(policy.poll_interval).unwrap_or(chrono::Duration::seconds(1));
                     store.probe_at(name, next).await?;
-                } else {
-                    // Nothing waits for this sink: nothing is failing.
-                    store.sink_ok(name).await?;
+                    return Ok(Pass::Idle(policy.poll_interval));
                 }
+                // Nothing waits (its rows may all be dead): the sink is asked
+                // directly whether it works, reading, never writing.
+                let probed = match &self.sink.kind {
+                    SinkKind::Redcap { sink, .. } => sink.probe().await,
+                    SinkKind::Email { sink, .. } => sink.probe().await,
+                };
+                return match probed {
+                    Ok(()) => {
+                        tracing::info!(sink = name, "sink works again");
+                        store.sink_ok(name).await?;
+                        self.relay.wake.notify_waiters();
+                        Ok(Pass::Busy)
+                    }
+                    Err(error) => {
+                        self.failed(health.as_ref().map_or(0, |h| h.backoff_step) + 1, &error).await?;
+                        Ok(Pass::Idle(Duration::ZERO))
+                    }
+                };
             }
             return Ok(Pass::Idle(policy.poll_interval));
         }
@@ -134,13 +151,9 @@ impl Worker {
                 }
             }
             Called::Failed(error) => {
-                let step = health.as_ref().map_or(0, |h| h.backoff_step) + 1;
-                let delay = backoff::probe_delay(policy, step, &error, rand::random::<f64>());
-                let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::minutes(15));
-                log_failure(name, &error, delay);
                 // The sink's backoff first, then the rows back: another worker
                 // must not take them to a sink this one found failing.
-                store.sink_failed(name, backoff::failing(&error), step, next, &error.to_string()).await?;
+                self.failed(health.as_ref().map_or(0, |h| h.backoff_step) + 1, &error).await?;
                 self.settle(&settles).await;
                 let expired = store.expire(name, self.dead_before(), &error.to_string()).await?;
                 if expired > 0 {
@@ -156,6 +169,15 @@ impl Worker {
         }
         self.settle(&settles).await;
         Ok(Pass::Busy)
+    }
+
+    /// Puts the sink into backoff after a failure at `step`.
+    async fn failed(&self, step: i32, error: &SinkError) -> Result<(), StoreError> {
+        let name = self.sink.name.as_str();
+        let delay = backoff::probe_delay(&self.relay.policy, step, error, rand::random::<f64>());
+        let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::minutes(15));
+        log_failure(name, error, delay);
+        self.relay.store.sink_failed(name, backoff::failing(error), step, next, &error.to_string()).await
     }
 
     fn dead_before(&self) -> DateTime<Utc> {

@@ -1,7 +1,7 @@
-//! The `sinks` table: which sinks the relay has known (a new one is filled
-//! with every opted-out phone it follows), and each sink's health, shared by
-//! all workers and replicas so an outage costs one probe per backoff step,
-//! not one per worker or per row.
+//! The `sinks` table: which sinks the relay has known, and each sink's
+//! health, shared by all workers and replicas so an outage costs one probe
+//! per backoff step, not one per worker or per row. Also the backfill that
+//! gives a sink the opt-outs recorded without it.
 
 use chrono::{DateTime, Utc};
 
@@ -30,12 +30,9 @@ impl Failing {
 }
 
 impl Store {
-    /// Registers the configured sinks at start. A sink seen for the first
-    /// time gets a pending row for every phone opted out in a scope it follows
-    /// (or organisation-wide), so it receives the opt-outs recorded before it
-    /// existed; rows it never wrote are never cleared. Every sink becomes due
-    /// at once: a restart (after fixing a token, say) ends a backoff. Returns
-    /// the names of the new sinks.
+    /// Registers the configured sinks at start and makes every one due at
+    /// once: a restart (after fixing a token, say) ends a backoff. Returns
+    /// the names of the sinks seen for the first time.
     pub async fn register_sinks(&self, sinks: &[SinkFollow]) -> Result<Vec<String>, StoreError> {
         let now = Ts(Utc::now());
         on_pool!(self, pool => {
@@ -55,29 +52,38 @@ impl Store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                if new.is_none() {
-                    continue;
-                }
-                let mut q = sqlx::QueryBuilder::new(
-                    "INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
-                     SELECT ",
-                );
-                q.push_bind(&s.sink).push(", phone, 'pending', MAX(event_id), ");
-                q.push_bind(now).push(", ").push_bind(now).push(", ").push_bind(now).push(", ").push_bind(now);
-                q.push(" FROM opt_out_state WHERE opted_out");
-                if let Some(scopes) = &s.scopes {
-                    q.push(" AND scope IN (").push_bind(ORGANISATION_SCOPE);
-                    for scope in scopes {
-                        q.push(", ").push_bind(scope);
-                    }
-                    q.push(")");
-                }
-                q.push(" GROUP BY phone ON CONFLICT (sink, phone) DO NOTHING");
-                q.build().execute(&mut *tx).await?;
-                added.push(s.sink.clone());
+                added.extend(new);
             }
             tx.commit().await?;
             Ok(added)
+        })
+    }
+
+    /// Gives `sink` a pending row for every phone opted out in a scope it
+    /// follows (or organisation-wide) that it has no row for: a sink added
+    /// later, or absent from the configuration (or from an old replica's)
+    /// while opt-outs were recorded, or whose scopes grew, still receives
+    /// them. A row it already has is left alone, and rows it never wrote
+    /// are never cleared. Returns how many rows were added.
+    pub async fn backfill(&self, sink: &SinkFollow) -> Result<u64, StoreError> {
+        let now = Ts(Utc::now());
+        on_pool!(self, pool => {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
+                 SELECT ",
+            );
+            q.push_bind(&sink.sink).push(", phone, 'pending', MAX(event_id), ");
+            q.push_bind(now).push(", ").push_bind(now).push(", ").push_bind(now).push(", ").push_bind(now);
+            q.push(" FROM opt_out_state WHERE opted_out");
+            if let Some(scopes) = &sink.scopes {
+                q.push(" AND scope IN (").push_bind(ORGANISATION_SCOPE);
+                for scope in scopes {
+                    q.push(", ").push_bind(scope);
+                }
+                q.push(")");
+            }
+            q.push(" GROUP BY phone ON CONFLICT (sink, phone) DO NOTHING");
+            Ok(q.build().execute(pool).await?.rows_affected())
         })
     }
 

@@ -31,7 +31,11 @@ pub(super) fn claim_sql(lock: &str) -> String {
               LIMIT $2
               {lock})
          UPDATE sink_phones
-            SET locked_until = $4, locked_by = $3, updated_at = $5
+            SET locked_until = $4, locked_by = $3, updated_at = $5,
+                -- A lease that ran out unsettled: its worker may have sent a write
+                -- that still lands, so this pass calls the sink and a late re-read follows.
+                uncertain = CASE WHEN locked_until IS NOT NULL THEN TRUE ELSE uncertain END,
+                recheck_at = CASE WHEN locked_until IS NOT NULL THEN $6 ELSE recheck_at END
           WHERE id IN (SELECT id FROM picked)
           RETURNING id, phone, generation, event_id, attempts, queued_at,
                     written_opted_out, written_since, uncertain"
@@ -87,6 +91,19 @@ impl Store {
         limit: u32,
         lease: std::time::Duration,
     ) -> Result<Vec<ClaimedPhone>, StoreError> {
+        self.claim_with_recheck(sink, owner, limit, lease, Utc::now()).await
+    }
+
+    /// [`Store::claim`], where a row whose previous lease ran out unsettled
+    /// is owed a re-read at `late`.
+    pub async fn claim_with_recheck(
+        &self,
+        sink: &str,
+        owner: &str,
+        limit: u32,
+        lease: std::time::Duration,
+        late: DateTime<Utc>,
+    ) -> Result<Vec<ClaimedPhone>, StoreError> {
         let now = Utc::now();
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
         let rows = on_pool!(self, pool => {
@@ -96,6 +113,7 @@ impl Store {
                 .bind(owner)
                 .bind(Ts(until))
                 .bind(Ts(now))
+                .bind(Ts(late))
                 .fetch_all(pool)
                 .await?;
             decode_rows!(rows, ClaimRow, "sink_phones")?
@@ -169,6 +187,9 @@ impl Store {
                         "UPDATE sink_phones
                             SET last_error = $3, attempts = attempts + 1, updated_at = $4,
                                 locked_until = NULL, locked_by = NULL,
+                                -- To the back of the sink's queue: a row the sink refuses
+                                -- must not be every probe after it.
+                                next_attempt_at = $4,
                                 status = CASE WHEN queued_at <= $5 AND attempts >= 1 THEN 'dead' ELSE 'pending' END
                           WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
                     )
@@ -207,6 +228,54 @@ impl Store {
             let mut tx = pool.begin_write().await?;
             for id in ids {
                 sqlx::query(RECHECK).bind(*id).bind(Ts(soon)).bind(Ts(late)).bind(now).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Records what a resync left in `sink`: each phone holds its opt-out
+    /// (`since`) there. With `recheck` set (the resync's import may land
+    /// late, or the phone's target moved while it ran) the row is made
+    /// pending and owed a re-read now and at `late`, so a worker clears a
+    /// stamp the resync put on a phone that has just opted in.
+    pub async fn record_resync(
+        &self,
+        sink: &str,
+        entries: &[(Phone, DateTime<Utc>, bool)],
+        late: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let now = Ts(Utc::now());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            for (phone, since, recheck) in entries {
+                sqlx::query(
+                    "INSERT INTO sink_phones (sink, phone, status, next_attempt_at, queued_at, created_at, updated_at,
+                                              written_opted_out, written_since, written_at, uncertain, recheck_at)
+                     VALUES ($1, $2, CASE WHEN $5 THEN 'pending' ELSE 'done' END, $4, $4, $4, $4,
+                             TRUE, $3, $4, $5, CASE WHEN $5 THEN $6 END)
+                     ON CONFLICT (sink, phone) DO UPDATE
+                        SET written_opted_out = TRUE, written_since = excluded.written_since,
+                            written_at = excluded.written_at, updated_at = excluded.updated_at,
+                            uncertain = (sink_phones.uncertain OR excluded.uncertain),
+                            status = CASE WHEN excluded.uncertain THEN 'pending' ELSE sink_phones.status END,
+                            generation = CASE WHEN excluded.uncertain
+                                              THEN sink_phones.generation + 1 ELSE sink_phones.generation END,
+                            next_attempt_at = CASE WHEN excluded.uncertain
+                                                   THEN excluded.next_attempt_at ELSE sink_phones.next_attempt_at END,
+                            recheck_at = CASE WHEN excluded.uncertain
+                                              THEN excluded.recheck_at ELSE sink_phones.recheck_at END,
+                            queued_at = CASE WHEN excluded.uncertain AND sink_phones.status <> 'pending'
+                                             THEN excluded.queued_at ELSE sink_phones.queued_at END",
+                )
+                .bind(sink)
+                .bind(phone.as_str())
+                .bind(Ts(*since))
+                .bind(now)
+                .bind(*recheck)
+                .bind(Ts(late))
+                .execute(&mut *tx)
+                .await?;
             }
             tx.commit().await?;
             Ok(())
@@ -326,7 +395,9 @@ const RECHECK: &str = "UPDATE sink_phones
   WHERE id = $1";
 
 /// The start of a re-queue: fields reset, then the times and `WHERE …`.
-const REQUEUE: &str = "UPDATE sink_phones SET status = 'pending', attempts = 0, \
+/// `uncertain` makes the worker call the sink even when the row says it
+/// holds the target: an operator's retry checks the sink itself.
+const REQUEUE: &str = "UPDATE sink_phones SET status = 'pending', attempts = 0, uncertain = TRUE, \
                        locked_until = NULL, locked_by = NULL, next_attempt_at = ";
 
 fn claim_sql_of<P: Dialect>(_: &P) -> &'static str {

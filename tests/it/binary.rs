@@ -423,9 +423,9 @@ fn check_config_accepts_a_named_sink_table() {
     assert!(!text.contains(STUDY_A_TOKEN), "token printed: {text}");
 
     let out = check_named_sink(dir.path(), &file, None);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "no token, yet: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(err.contains("token"), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "no token, yet: {text}");
+    assert!(text.contains("OPTOUT_RELAY__SINKS__STUDY_A__TOKEN"), "{text}");
     // A bad sink name is a problem too.
     std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("study_a", "Study A")).unwrap();
     let out = check_named_sink(dir.path(), &file, Some(STUDY_A_TOKEN));

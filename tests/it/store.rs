@@ -535,6 +535,12 @@ async fn a_write_settled_after_its_lease_was_lost_is_re_read_soon_and_late(b: Ba
     let since = Some(whole_seconds(Utc::now()));
     let now = Utc::now();
     assert_eq!(db.settle("w2", &[(&taken[0], written(true, since))], (now, now)).await, 1);
+    // w1's lease ran out unsettled: w2's claim owed the row a late re-read.
+    let row = db.row("redcap", p).await.expect("row");
+    assert_eq!((row.status.as_str(), row.uncertain), ("pending", true), "a late re-read owed");
+    let reread = db.claim("w2").await;
+    assert_eq!(reread.len(), 1);
+    assert_eq!(db.settle("w2", &[(&reread[0], written(true, since))], (now, now)).await, 1);
     assert_eq!(db.row("redcap", p).await.expect("row").status, "done");
 
     // w1 resumes and settles what it sent: its write may have landed after w2's.
@@ -614,6 +620,10 @@ async fn a_new_sink_gets_the_opt_outs_it_follows_and_a_known_one_is_made_due(b: 
     let sinks = [follow("study_a", Some(&[SERVICE_A])), follow("everything", None)];
     let added = db.store.register_sinks(&sinks).await.expect("register");
     assert_eq!(added, ["study_a", "everything"]);
+    assert!(db.sinks_of("+14155550501").await.is_empty(), "registering queues nothing");
+    for sink in &sinks {
+        db.store.backfill(sink).await.expect("backfill");
+    }
     assert_eq!(db.sinks_of("+14155550501").await, ["everything", "study_a"]);
     assert_eq!(db.sinks_of("+14155550502").await, ["everything"], "study_a does not follow B");
     assert_eq!(db.sinks_of("+14155550503").await, ["everything", "study_a"], "organisation-wide counts everywhere");
@@ -624,14 +634,16 @@ async fn a_new_sink_gets_the_opt_outs_it_follows_and_a_known_one_is_made_due(b: 
     assert_eq!((row.status.as_str(), row.written()), ("pending", None), "pending, nothing written yet");
     assert!(row.event_id.is_some());
 
-    // Known sinks: no rows for what was recorded meanwhile without them (they
-    // would have had theirs at record time), but a backoff ends.
+    // Known sinks: a backoff ends, and what was recorded while they were
+    // absent from the configuration is backfilled (rows they have are kept).
     db.record(&[event_in("SMreg8", "+14155550507", EventKind::OptOut, SERVICE_A, s(8))], &[]).await;
     let far = Utc::now() + chrono::Duration::hours(1);
     db.store.sink_failed("study_a", Failing::Misconfigured, 1, far, "403").await.expect("failed");
     let before = Utc::now();
     assert!(db.store.register_sinks(&sinks).await.expect("register").is_empty(), "nothing new");
     assert!(db.sinks_of("+14155550507").await.is_empty());
+    assert_eq!(db.store.backfill(&sinks[0]).await.expect("backfill"), 1, "only the phone it had no row for");
+    assert_eq!(db.sinks_of("+14155550507").await, ["study_a"]);
     let sink = db.store.sink("study_a").await.expect("read").expect("known");
     let due = sink.next_probe_at.expect("due");
     assert!(due >= before - chrono::Duration::seconds(1) && due <= Utc::now(), "due now: {due}");

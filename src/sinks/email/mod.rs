@@ -123,6 +123,20 @@ impl EmailSink {
         Ok(())
     }
 
+    /// Checks the server answers (connect, TLS, login, NOOP) without
+    /// sending anything: how a failing email sink with nothing to send finds
+    /// out it works again.
+    pub async fn probe(&self) -> Result<(), SinkError> {
+        match self.transport.test_connection().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SinkError::Transient {
+                message: format!("SMTP server {} did not answer NOOP", self.server),
+                retry_after: None,
+            }),
+            Err(e) => Err(self.scrub(classify(&e, &self.server))),
+        }
+    }
+
     async fn send(&self, notice: Notice) -> Result<Sent, SinkError> {
         let message_id = format!("<optout-relay.{:032x}@{}>", rand::random::<u128>(), self.from.email.domain());
         let message = self

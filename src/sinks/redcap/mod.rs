@@ -252,6 +252,13 @@ impl RedcapSink {
 
     /// The cached schema, read again when missing or older than the TTL.
     /// Only a usable schema is cached, so a fixed project is seen at once.
+    /// One metadata read, whatever the cache holds: how a failing sink with
+    /// nothing to write finds out it works again (token, URL, project).
+    pub async fn probe(&self) -> Result<(), SinkError> {
+        *self.schema.lock().await = None;
+        self.schema(None).await.map(|_| ())
+    }
+
     async fn schema(&self, deadline: Option<Instant>) -> Result<Arc<Schema>, SinkError> {
         let mut slot = self.schema.lock().await;
         if let Some(s) = slot.as_ref().filter(|s| s.fetched_at.elapsed() < METADATA_TTL) {
