@@ -295,6 +295,68 @@ async fn a_restart_after_fixing_the_token_delivers_at_once(b: Backend) {
     drop_database(&url).await;
 }
 
+// ------------------------------------------- sinks added later, and repairs
+
+/// Restarted with a REDCap sink that was absent while an opt-out came in
+/// (and with a new email sink): the REDCap sink is backfilled, the email
+/// sink sends nothing about the past.
+async fn a_restart_backfills_a_known_sink_and_never_mails_the_past(b: Backend) {
+    let fake = FakeRedcap::start(project().with_record("2", None, &[("phone", "4155550143")])).await;
+    let smtp = crate::common::fake_smtp::FakeSmtp::start().await;
+    let app = spawn_app_with(b, relay_to(&fake)).await;
+    text(&app, "SMbf1", "STOP", SERVICE).await;
+    eventually("stamped", || async { stamped(&fake, "1") }).await;
+    let url = app.db_url.clone();
+    app.shutdown.cancel();
+    let _ = app.handle.await;
+
+    // A run without the sink records another STOP.
+    let (stop, handle, store) = serve(base_config(&url)).await;
+    let event = optout_relay::ops::staff_event(
+        Phone::from_stored("+14155550143".into()),
+        optout_relay::domain::EventKind::OptOut,
+        None,
+        None,
+        "test",
+    );
+    optout_relay::ops::record(&store, event, &[]).await.expect("record");
+    stop.cancel();
+    let _ = handle.await;
+
+    // The sink is back, and an email sink is new.
+    let mut config = base_config(&url);
+    relay_to(&fake)(&mut config);
+    let mut email =
+        optout_relay::config::EmailConfig::new("127.0.0.1", "relay@example.org", vec!["team@example.org".into()]);
+    email.smtp_port = Some(smtp.port());
+    email.tls = optout_relay::config::EmailTls::None;
+    config.email = Some(email);
+    let (stop, handle, store) = serve(config).await;
+    eventually("the STOP recorded without the sink is stamped", || async { stamped(&fake, "2") }).await;
+    eventually("the email sink registered", || async { store.sink("email").await.ok().flatten().is_some() }).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(smtp.messages().is_empty(), "a new email sink mailed {} past opt-outs", smtp.messages().len());
+    stop.cancel();
+    let _ = handle.await;
+    drop_database(&url).await;
+}
+
+/// A field cleared by hand after the STOP landed: an operator's retry of the
+/// row asks REDCap again and restamps it (the row said it held the target).
+async fn an_operators_retry_checks_the_sink_itself(b: Backend) {
+    let fake = FakeRedcap::start(project()).await;
+    let app = spawn_app_with(b, relay_to(&fake)).await;
+    text(&app, "SMrt1", "STOP", SERVICE).await;
+    eventually("stamped", || async { stamped(&fake, "1") }).await;
+    eventually("in sync", || async { in_sync(&app.store).await }).await;
+    let stamp = fake.value("1", None, FIELD);
+    fake.set_value("1", None, FIELD, "");
+    let r = row(&app.store, "redcap").await.expect("row");
+    assert_eq!(app.store.retry_delivery(r.id).await.expect("retry"), optout_relay::store::RetryOutcome::Requeued);
+    eventually("restamped", || async { fake.value("1", None, FIELD) == stamp }).await;
+    app.stop().await;
+}
+
 fn redcap_sink(fake: &FakeRedcap) -> optout_relay::sinks::redcap::RedcapSink {
     let mut r = redcap_config(&fake.url);
     r.token = SecretString::from(REDCAP_TOKEN);
@@ -309,4 +371,6 @@ both_backends!(
     a_sink_configured_after_the_opt_outs_receives_them_at_start,
     after_an_outage_the_backlog_lands_at_once_in_one_batch,
     a_restart_after_fixing_the_token_delivers_at_once,
+    a_restart_backfills_a_known_sink_and_never_mails_the_past,
+    an_operators_retry_checks_the_sink_itself,
 );
