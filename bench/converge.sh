@@ -26,7 +26,10 @@
 #     the relay runs), examples/loadgen.rs sending REQUESTS distinct signed
 #     STOP webhooks over CONCURRENCY connections after a WARMUP, as
 #     bench/ingest.sh does; ROUNDS rounds of (1 sink, 3 sinks), the ratio of
-#     the mean webhooks/s.
+#     the mean webhooks/s. With INGEST_DIAG=1 (default) each round also runs
+#     no sink, and 1 and 3 sinks pointing at a closed port: the relay backs
+#     off and stays idle, so those runs show the ingest path's own cost (a
+#     sink_phones row per sink and webhook) apart from the relay's work.
 #
 # About 12-14 minutes per backend after the build (the 10-minute outage
 # sets the pace). Needs: cargo, curl, ss; psql for the PostgreSQL ingest
@@ -48,6 +51,7 @@ REQUESTS=${REQUESTS:-20000}
 CONCURRENCY=${CONCURRENCY:-32}
 WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-2}
+INGEST_DIAG=${INGEST_DIAG:-1}      # also 1 and 3 sinks with REDCap unreachable (relay idle)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 APP="$TARGET_DIR/release/optout-relay"
 BIN="$TARGET_DIR/release/examples/converge_bench"
@@ -119,7 +123,7 @@ pg_version() {
     echo "# Converge benchmark"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-    echo "- command: bench/converge.sh${*:+ $*} (BACKENDS=\"$BACKENDS\" INGEST=$INGEST REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY WARMUP=$WARMUP ROUNDS=$ROUNDS)"
+    echo "- command: bench/converge.sh${*:+ $*} (BACKENDS=\"$BACKENDS\" INGEST=$INGEST INGEST_DIAG=$INGEST_DIAG REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY WARMUP=$WARMUP ROUNDS=$ROUNDS)"
     echo "- machine: $(nproc) CPUs, $(cpu_model), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo)"
     echo "- kernel: $(uname -srm)"
     echo "- load average before the build: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -160,11 +164,14 @@ start_fakes() {
     die "fake REDCap projects not ready after 30 s"
 }
 
-# sink_config N FILE: [sinks.a] … for the first N fakes.
+# sink_config N FILE [unreachable]: [sinks.a] … for the first N fakes, or
+# (unreachable) the same sinks pointing at a closed port: the relay backs off
+# after its first try and stays idle, which isolates the ingest path's cost.
 sink_config() {
-    local n=$1 file=$2
+    local n=$1 file=$2 unreachable=${3:-}
     : >"$file"
     head -n "$n" <(grep '^FAKE ' "$TMP/fakes.out") | while read -r _ name url token; do
+        [[ -z "$unreachable" ]] || url="http://127.0.0.1:9/api/"
         cat >>"$file" <<TOML
 [sinks.$name]
 type = "redcap"
@@ -190,18 +197,19 @@ count_rows() {
     fi
 }
 
-# ingest_run BACKEND SINKS ROUND -> prints a line, sets RPS
+# ingest_run BACKEND SINKS ROUND [unreachable] -> prints a line, sets RPS
 ingest_run() {
-    local backend=$1 sinks=$2 round=$3 label="ingest-$1-$2sinks-$3" db_url port
+    local backend=$1 sinks=$2 round=$3 unreachable=${4:-} db_url port
+    local label="ingest-$1-$2sinks${unreachable:+-unreachable}-$3"
     if [[ $backend == postgres ]]; then
-        local db="optout_bench_$$_ingest_${sinks}_${round}"
+        local db="optout_bench_$$_ingest_${sinks}${unreachable:+u}_${round}"
         psql "$PG_ADMIN_URL" -X -q -c "CREATE DATABASE $db" >/dev/null
         DBS+=("$db")
         db_url="$PG_ROOT/$db"
     else
         db_url="sqlite://$TMP/$label.db?mode=rwc"
     fi
-    sink_config "$sinks" "$TMP/$label.toml"
+    sink_config "$sinks" "$TMP/$label.toml" "$unreachable"
     port=$(free_port)
     # A clean environment: no stray OPTOUT_RELAY__* or RUST_LOG from the caller;
     # logging at the default level (info), as in production.
@@ -222,7 +230,8 @@ ingest_run() {
     [[ -n "$ready" ]] || { tail -20 "$TMP/server-$label.log" >&2; die "$label: server not ready after 30 s"; }
     timeout 600 "$LOADGEN" --url "http://127.0.0.1:$port" --public-url "$PUBLIC_URL" --token "$TOKEN" \
         --concurrency "$CONCURRENCY" --requests "$REQUESTS" --warmup "$WARMUP" --kind stop \
-        --watch "server=pid:$SERVER_PID" >"$TMP/loadgen-$label.out" 2>"$TMP/loadgen-$label.err" \
+        --watch "server=pid:$SERVER_PID" ${PG_POSTMASTER:+--watch "postgres=tree:$PG_POSTMASTER"} \
+        >"$TMP/loadgen-$label.out" 2>"$TMP/loadgen-$label.err" \
         || { cat "$TMP/loadgen-$label.err" >&2; tail -20 "$TMP/server-$label.log" >&2; die "$label: loadgen"; }
     # What the relay had left when the load ended (it kept running meanwhile).
     local rows pending
@@ -237,7 +246,7 @@ ingest_run() {
     cpu=$(grep '^CPU ' "$TMP/loadgen-$label.out" || true)
     for kv in ${line#RESULT }; do printf -v "R_${kv%%=*}" '%s' "${kv#*=}"; done
     RPS=$R_rps
-    echo "INGEST backend=$backend sinks=$sinks round=$round rps=$R_rps p50_ms=$R_p50_ms p99_ms=$R_p99_ms errors=$R_errors ok_total=$R_ok_total sink_phones=$rows pending_at_end=$pending (${cpu#CPU })"
+    echo "INGEST backend=$backend sinks=$sinks${unreachable:+ redcap=unreachable} round=$round rps=$R_rps p50_ms=$R_p50_ms p99_ms=$R_p99_ms errors=$R_errors ok_total=$R_ok_total sink_phones=$rows pending_at_end=$pending (${cpu#CPU })"
     if [[ "$rows" != "?" && "$rows" != "$(( R_ok_total * sinks ))" ]]; then
         echo "CHECK FAILED: $label: $rows sink_phones rows, expected $(( R_ok_total * sinks ))"
         INGEST_BAD=1
@@ -245,9 +254,17 @@ ingest_run() {
     [[ "$R_errors" == 0 ]] || { echo "CHECK FAILED: $label: $R_errors requests not answered 200"; INGEST_BAD=1; }
 }
 
+# The postmaster serving PG_ADMIN_URL, for CPU accounting, when its data directory is readable.
+PG_POSTMASTER=""
+if [[ "$INGEST" != 0 && " $BACKENDS " == *" postgres "* ]]; then
+    PG_POSTMASTER=$(head -1 "$(psql "$PG_ADMIN_URL" -X -At -c 'SHOW data_directory' 2>/dev/null)/postmaster.pid" 2>/dev/null || true)
+fi
+
+mean() { printf '%s\n' "$@" | awk '{s += $1} END {printf "%.0f", s / NR}'; }
+
 ingest() {
     local backend=$1 round sinks
-    local -a one=() three=()
+    local -a one=() three=() zero=() one_u=() three_u=()
     INGEST_BAD=0
     start_fakes
     for round in $(seq "$ROUNDS"); do
@@ -256,10 +273,20 @@ ingest() {
             ingest_run "$backend" "$sinks" "$round"
             if [[ $sinks == 1 ]]; then one+=("$RPS"); else three+=("$RPS"); fi
         done
+        if [[ "$INGEST_DIAG" != 0 ]]; then
+            log "$backend ingest, no sink, round $round"
+            ingest_run "$backend" 0 "$round"
+            zero+=("$RPS")
+            for sinks in 1 3; do
+                log "$backend ingest, $sinks sink(s), REDCap unreachable, round $round"
+                ingest_run "$backend" "$sinks" "$round" unreachable
+                if [[ $sinks == 1 ]]; then one_u+=("$RPS"); else three_u+=("$RPS"); fi
+            done
+        fi
     done
     local m1 m3 ratio ok
-    m1=$(printf '%s\n' "${one[@]}" | awk '{s += $1} END {printf "%.0f", s / NR}')
-    m3=$(printf '%s\n' "${three[@]}" | awk '{s += $1} END {printf "%.0f", s / NR}')
+    m1=$(mean "${one[@]}")
+    m3=$(mean "${three[@]}")
     ratio=$(awk -v a="$m3" -v b="$m1" 'BEGIN {printf "%.2f", a / b}')
     ok=$(awk -v r="$ratio" 'BEGIN {print (r >= 0.9) ? "met" : "**NOT MET**"}')
     echo
@@ -270,6 +297,13 @@ ingest() {
     echo "| webhooks/s with 1 sink (runs: ${one[*]}) | $m1 | — | baseline |"
     echo "| webhooks/s with 3 sinks (runs: ${three[*]}) | $m3 | — | reported |"
     echo "| ratio 3 sinks / 1 sink | ${ratio}× | ≥ 0.9× | $ok |"
+    if [[ "$INGEST_DIAG" != 0 ]]; then
+        local u1 u3
+        u1=$(mean "${one_u[@]}")
+        u3=$(mean "${three_u[@]}")
+        echo "| diagnostic, no sink (runs: ${zero[*]}) | $(mean "${zero[@]}") | — | reported |"
+        echo "| diagnostic, REDCap unreachable (relay idle, backing off): 1 sink (runs: ${one_u[*]}) / 3 sinks (runs: ${three_u[*]}) | $u1 / $u3 ($(awk -v a="$u3" -v b="$u1" 'BEGIN {printf "%.2f", a / b}')×) | — | reported |"
+    fi
     echo
     [[ $ok == met && $INGEST_BAD == 0 ]]
 }
