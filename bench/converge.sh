@@ -31,7 +31,7 @@
 #     off and stays idle, so those runs show the ingest path's own cost (a
 #     sink_phones row per sink and webhook) apart from the relay's work.
 #
-# About 12-14 minutes per backend after the build (the 10-minute outage
+# About 17 minutes per backend after the build (the 10-minute outage
 # sets the pace). Needs: cargo, curl, ss; psql for the PostgreSQL ingest
 # runs (sqlite3 optional, for the SQLite row counts); PostgreSQL with trust
 # auth at PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres).

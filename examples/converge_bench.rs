@@ -880,7 +880,7 @@ async fn main() -> ExitCode {
     // The relay's warnings (a sink backing off, …) go to stderr with the run.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx=error"));
-    tracing_subscriber::fmt().compact().with_writer(std::io::stderr).with_env_filter(filter).init();
+    tracing_subscriber::fmt().compact().with_ansi(false).with_writer(std::io::stderr).with_env_filter(filter).init();
     let args = Args::parse();
     if let Some(n) = args.serve_fakes {
         return serve_fakes(&args, n.clamp(1, SINK_NAMES.len())).await;
