@@ -134,6 +134,10 @@ impl Worker {
             SinkKind::Redcap { sink, .. } => self.converge(batch, sink, deadline).await?,
             SinkKind::Email { sink, report_wait, .. } => self.notify(batch, sink, *report_wait, deadline).await?,
         };
+        if !matches!(outcome, Called::Failed(_)) {
+            // Rows first, then health: whoever sees the sink healthy sees its rows settled.
+            self.settle(&settles).await;
+        }
         match outcome {
             Called::Nothing => {
                 if failing.is_some() {
@@ -167,7 +171,6 @@ impl Worker {
                 return Ok(Pass::Idle(Duration::ZERO));
             }
         }
-        self.settle(&settles).await;
         Ok(Pass::Busy)
     }
 
