@@ -6,6 +6,7 @@
 #   BACKENDS=postgres bench/converge.sh             # one backend
 #   bench/converge.sh --long-outage-secs 120        # extra arguments go to converge_bench
 #   INGEST=0 bench/converge.sh                      # skip the ingest comparison
+#   CONVERGE=0 bench/converge.sh                    # only the ingest comparison
 #
 # Per backend:
 #   examples/converge_bench.rs (the application in-process, fake REDCap
@@ -47,6 +48,7 @@ BACKENDS=${BACKENDS:-"postgres sqlite"}
 PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 STEP_TIMEOUT=${STEP_TIMEOUT:-2400}   # seconds, per converge_bench run
 INGEST=${INGEST:-1}
+CONVERGE=${CONVERGE:-1}
 REQUESTS=${REQUESTS:-20000}
 CONCURRENCY=${CONCURRENCY:-32}
 WARMUP=${WARMUP:-2}
@@ -123,7 +125,7 @@ pg_version() {
     echo "# Converge benchmark"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-    echo "- command: bench/converge.sh${*:+ $*} (BACKENDS=\"$BACKENDS\" INGEST=$INGEST INGEST_DIAG=$INGEST_DIAG REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY WARMUP=$WARMUP ROUNDS=$ROUNDS)"
+    echo "- command: bench/converge.sh${*:+ $*} (BACKENDS=\"$BACKENDS\" CONVERGE=$CONVERGE INGEST=$INGEST INGEST_DIAG=$INGEST_DIAG REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY WARMUP=$WARMUP ROUNDS=$ROUNDS)"
     echo "- machine: $(nproc) CPUs, $(cpu_model), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo)"
     echo "- kernel: $(uname -srm)"
     echo "- load average before the build: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -321,10 +323,13 @@ for backend in $BACKENDS; do
         echo "- load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo
     } | tee -a "$OUT"
-    set +e
-    timeout "$STEP_TIMEOUT" "${cmd[@]}" 2>&1 | tee -a "$OUT"
-    rc=${PIPESTATUS[0]}
-    set -e
+    rc=0
+    if [[ "$CONVERGE" != 0 ]]; then
+        set +e
+        timeout "$STEP_TIMEOUT" "${cmd[@]}" 2>&1 | tee -a "$OUT"
+        rc=${PIPESTATUS[0]}
+        set -e
+    fi
     if [[ $rc -ne 0 ]]; then
         echo "converge_bench --backend $backend exited with $rc" | tee -a "$OUT" >&2
         status=1

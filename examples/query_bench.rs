@@ -322,7 +322,8 @@ async fn seed(args: &Args, db: &Db, store: &Store) -> anyhow::Result<Shape> {
     for start in (0..args.events).step_by(args.batch.max(1)) {
         let end = (start + args.batch.max(1)).min(args.events);
         let batch: Vec<NewEvent> = (start..end).map(|i| event(args, i, now)).collect::<anyhow::Result<_>>()?;
-        store.record_events(&batch, &follows).await?;
+        store.record_events(&batch).await?;
+        store.fan_out(&follows, u32::MAX).await?;
         if end >= next_report {
             eprintln!("   {end} events recorded ({:.1} s)", started.elapsed().as_secs_f64());
             next_report += 50_000;

@@ -488,7 +488,8 @@ async fn seeded(db: &Db, phones: &[String]) -> anyhow::Result<Store> {
                 })
             })
             .collect::<anyhow::Result<_>>()?;
-        store.record_events(&events, &[SinkFollow { sink: "redcap".into(), scopes: None }]).await?;
+        store.record_events(&events).await?;
+        store.fan_out(&[SinkFollow { sink: "redcap".into(), scopes: None }], u32::MAX).await?;
     }
     Ok(store)
 }

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use optout_relay::config::{Config, SinkConfig};
 use optout_relay::domain::{EventKind, Phone};
 use optout_relay::ops;
-use optout_relay::relay::{self, resync};
+use optout_relay::relay::resync;
 use optout_relay::sinks::redcap::RedcapSink;
 use optout_relay::sinks::Sink;
 use optout_relay::startup::{build_sinks, Application};
@@ -283,7 +283,7 @@ async fn staff(config: Config, args: StaffArgs, kind: EventKind) -> anyhow::Resu
     let store = Store::connect_lazy(&config.database)?;
     store.migrate().await?;
     let event = ops::staff_event(phone, kind, args.scope, args.note, &args.source);
-    let id = ops::record(&store, event, &relay::follows(&sinks_of(&config)?)).await?;
+    let id = ops::record(&store, event).await?;
     store.close().await;
     println!("recorded {} as event {id}; a running `serve` relays it", kind.as_str());
     Ok(ExitCode::SUCCESS)

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::domain::{EventKind, MessageSid, Phone};
 use crate::relay::target::{effective, held, target, Effective};
 use crate::sinks::Sink;
-use crate::store::{EventRow, Held, NewEvent, RecordOutcome, SinkFollow, StateRow, Store, StoreError};
+use crate::store::{EventRow, Held, NewEvent, RecordOutcome, StateRow, Store, StoreError};
 
 pub use crate::domain::ORGANISATION_SCOPE;
 
@@ -164,8 +164,8 @@ pub fn staff_event(
 }
 
 /// Records a staff event directly (command line: no server needed).
-pub async fn record(store: &Store, event: NewEvent, sinks: &[SinkFollow]) -> Result<i64, StoreError> {
-    match store.record_events(std::slice::from_ref(&event), sinks).await?.first() {
+pub async fn record(store: &Store, event: NewEvent) -> Result<i64, StoreError> {
+    match store.record_events(std::slice::from_ref(&event)).await?.first() {
         Some(RecordOutcome::Recorded(id)) => Ok(*id),
         _ => Err(StoreError::Query("event was not recorded".into())),
     }

@@ -65,22 +65,14 @@ impl Application {
         let region = config.keywords.region().ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
         // `problems()` above refused a relay.lease a REDCap batch could outlive.
         let sinks = build_sinks(&config, region)?;
-        // Notified when new work was committed: wakes the relay.
+        // Notified when a change was committed: wakes the relay's fan-out.
         let recorded = Arc::new(Notify::new());
-        let relay =
-            Arc::new(Relay { store: store.clone(), sinks, policy: config.relay.clone(), wake: recorded.clone() });
+        let relay = Arc::new(Relay::new(store.clone(), sinks, config.relay.clone(), recorded.clone()));
         // PostgreSQL overlaps commits from two writers; SQLite has one write lock.
         let writers = if store.backend() == "postgres" { 2 } else { 1 };
         let tasks = Tasks::new();
         let writers_stop = CancellationToken::new();
-        let writer = BatchWriter::spawn(
-            store.clone(),
-            Arc::new(relay::follows(&relay.sinks)),
-            writers,
-            recorded.clone(),
-            &tasks,
-            writers_stop.clone(),
-        );
+        let writer = BatchWriter::spawn(store.clone(), writers, recorded.clone(), &tasks, writers_stop.clone());
         let state = AppState::new(Inner {
             store: store.clone(),
             writer,

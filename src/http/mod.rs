@@ -83,7 +83,7 @@ impl AppState {
     }
 
     pub fn wake_relay(&self) {
-        self.relay.wake.notify_waiters();
+        self.relay.wake_all();
     }
 
     pub fn show_phone(&self, phone: &Phone) -> String {

@@ -1,7 +1,8 @@
 //! The relay: brings every sink to the opt-out list's current state.
 //!
-//! It does not replay events. For each (sink, phone) made pending by an
-//! event, a worker computes the phone's target from the list (`target`),
+//! It does not replay events. The fan-out (`fan_out`) makes a (sink, phone)
+//! row pending for each recorded change the sink follows; for each such row
+//! a worker computes the phone's target from the list (`target`),
 //! hands the sink only what differs from what it last wrote, and records the
 //! outcome (`worker`). Faults end in the right state anyway:
 //! - a newer change supersedes a pending one (one row per sink and phone);
@@ -14,6 +15,7 @@
 
 pub mod alerts;
 pub mod backoff;
+mod fan_out;
 pub mod resync;
 pub mod target;
 mod worker;
@@ -34,8 +36,11 @@ pub struct Relay {
     pub store: Store,
     pub sinks: Vec<Arc<Sink>>,
     pub policy: RelayConfig,
-    /// Rung by ingest (new work) and by a sink that works again.
+    /// Rung by ingest when a change was recorded: wakes the fan-out.
     pub wake: Arc<Notify>,
+    /// Rung when rows became due (fanned out, retried by an operator, a
+    /// sink that works again): wakes the workers.
+    pub due: Arc<Notify>,
 }
 
 /// Which sinks an event concerns, as ingest needs it.
@@ -44,14 +49,30 @@ pub fn follows(sinks: &[Arc<Sink>]) -> Vec<SinkFollow> {
 }
 
 impl Relay {
-    /// Starts `policy.workers` supervised workers per sink (`relay-SINK-N`),
-    /// a resync task per REDCap sink that has one (`resync-SINK`) and, with
-    /// an email sink, the alert monitor (`alerts`). They stop after the work
+    /// `wake` is what ingest rings after recording a change.
+    pub fn new(store: Store, sinks: Vec<Arc<Sink>>, policy: RelayConfig, wake: Arc<Notify>) -> Relay {
+        Relay { store, sinks, policy, wake, due: Arc::new(Notify::new()) }
+    }
+
+    /// Rings everything that may have work now.
+    pub fn wake_all(&self) {
+        self.wake.notify_waiters();
+        self.due.notify_waiters();
+    }
+
+    /// Starts the fan-out (`relay-fan-out`), `policy.workers` supervised
+    /// workers per sink (`relay-SINK-N`), a resync task per REDCap sink that
+    /// has one (`resync-SINK`) and, with an email sink, the alert monitor
+    /// (`alerts`). They stop after the work
     /// in hand once `shutdown` is cancelled (a lease they cannot settle
     /// expires and the work is taken up again).
     pub fn spawn(self: Arc<Self>, tasks: &Tasks, shutdown: CancellationToken) -> Vec<JoinHandle<()>> {
         let instance = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
         let mut handles = Vec::new();
+        let (relay, stop) = (self.clone(), shutdown.clone());
+        handles.push(supervise::spawn("relay-fan-out".to_owned(), tasks, shutdown.clone(), move || {
+            fan_out::run(relay.clone(), stop.clone())
+        }));
         for sink in &self.sinks {
             for n in 0..self.policy.workers {
                 let w = Arc::new(worker::Worker {
@@ -59,7 +80,7 @@ impl Relay {
                     sink: sink.clone(),
                     owner: format!("{instance}-{}-{n}", sink.name),
                 });
-                let (wake, stop) = (self.wake.clone(), shutdown.clone());
+                let (wake, stop) = (self.due.clone(), shutdown.clone());
                 let name = format!("relay-{}-{n}", sink.name);
                 handles.push(supervise::spawn(name, tasks, shutdown.clone(), move || {
                     w.clone().run(wake.clone(), stop.clone())

@@ -48,6 +48,11 @@ impl Worker {
         let poll = self.relay.policy.poll_interval;
         let mut store_backoff = poll;
         while !shutdown.is_cancelled() {
+            // Registered before the pass: a wake-up rung while the pass runs
+            // (rows fanned out after its claim) is not lost.
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             let idle = match self.pass().await {
                 Ok(Pass::Busy) => {
                     store_backoff = poll;
@@ -65,7 +70,7 @@ impl Worker {
             };
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = wake.notified() => {},
+                () = woken => {},
                 () = tokio::time::sleep(idle) => {},
             }
         }
@@ -118,7 +123,7 @@ impl Worker {
                     Ok(()) => {
                         tracing::info!(sink = name, "sink works again");
                         store.sink_ok(name).await?;
-                        self.relay.wake.notify_waiters();
+                        self.relay.due.notify_waiters();
                         Ok(Pass::Busy)
                     }
                     Err(error) => {
@@ -151,7 +156,7 @@ impl Worker {
                     tracing::info!(sink = name, since = %h.failing_since.map(|t| t.to_rfc3339()).unwrap_or_default(), "sink works again");
                     store.sink_ok(name).await?;
                     // Everything waiting goes now, in full batches, by every worker.
-                    self.relay.wake.notify_waiters();
+                    self.relay.due.notify_waiters();
                 }
             }
             Called::Failed(error) => {

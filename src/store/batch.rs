@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{NewEvent, RecordOutcome, SinkFollow, Store, StoreError};
+use super::{NewEvent, RecordOutcome, Store, StoreError};
 use crate::supervise::{self, Tasks};
 
 const MAX_BATCH: usize = 256;
@@ -33,20 +33,12 @@ struct Job {
 /// Where the writers commit: the store. A trait so that the writer loop can
 /// be run over a recorder that really panics, to test the supervision.
 trait Recorder: Clone + Send + Sync + 'static {
-    fn record(
-        &self,
-        events: &[NewEvent],
-        sinks: &[SinkFollow],
-    ) -> impl Future<Output = Result<Vec<RecordOutcome>, StoreError>> + Send;
+    fn record(&self, events: &[NewEvent]) -> impl Future<Output = Result<Vec<RecordOutcome>, StoreError>> + Send;
 }
 
 impl Recorder for Store {
-    fn record(
-        &self,
-        events: &[NewEvent],
-        sinks: &[SinkFollow],
-    ) -> impl Future<Output = Result<Vec<RecordOutcome>, StoreError>> + Send {
-        self.record_events(events, sinks)
+    fn record(&self, events: &[NewEvent]) -> impl Future<Output = Result<Vec<RecordOutcome>, StoreError>> + Send {
+        self.record_events(events)
     }
 }
 
@@ -57,19 +49,18 @@ pub struct BatchWriter {
 
 impl BatchWriter {
     /// Starts `writers` supervised writer tasks (`batch-writer-N` in `tasks`).
-    /// `recorded` is notified after each commit that queued deliveries, so the
-    /// relay can start without polling. A writer stops once every
+    /// `recorded` is notified after each commit that recorded a change, so
+    /// the relay's fan-out can start without polling. A writer stops once every
     /// `BatchWriter` is dropped (the requests in flight are answered first);
     /// `shutdown` only stops restarting writers that panic.
     pub fn spawn(
         store: Store,
-        sinks: Arc<Vec<SinkFollow>>,
         writers: usize,
         recorded: Arc<Notify>,
         tasks: &Tasks,
         shutdown: CancellationToken,
     ) -> BatchWriter {
-        spawn_with(store, sinks, writers, recorded, tasks, shutdown)
+        spawn_with(store, writers, recorded, tasks, shutdown)
     }
 
     /// Records one event; returns once its transaction committed (or failed).
@@ -84,7 +75,6 @@ impl BatchWriter {
 
 fn spawn_with<R: Recorder>(
     recorder: R,
-    sinks: Arc<Vec<SinkFollow>>,
     writers: usize,
     recorded: Arc<Notify>,
     tasks: &Tasks,
@@ -95,9 +85,9 @@ fn spawn_with<R: Recorder>(
     // writer's run, so the channel outlives a writer that panics.
     let rx = Arc::new(Mutex::new(rx));
     for n in 0..writers.max(1) {
-        let (recorder, sinks, rx, recorded) = (recorder.clone(), sinks.clone(), rx.clone(), recorded.clone());
+        let (recorder, rx, recorded) = (recorder.clone(), rx.clone(), recorded.clone());
         supervise::spawn(format!("batch-writer-{n}"), tasks, shutdown.clone(), move || {
-            write_batches(recorder.clone(), sinks.clone(), rx.clone(), recorded.clone())
+            write_batches(recorder.clone(), rx.clone(), recorded.clone())
         });
     }
     BatchWriter { tx }
@@ -105,12 +95,7 @@ fn spawn_with<R: Recorder>(
 
 /// One writer: gathers a batch, commits it, answers each request; returns
 /// when every sender is gone.
-async fn write_batches<R: Recorder>(
-    recorder: R,
-    sinks: Arc<Vec<SinkFollow>>,
-    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
-    recorded: Arc<Notify>,
-) {
+async fn write_batches<R: Recorder>(recorder: R, rx: Arc<Mutex<mpsc::Receiver<Job>>>, recorded: Arc<Notify>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
         {
@@ -121,9 +106,9 @@ async fn write_batches<R: Recorder>(
             }
         }
         let (events, replies): (Vec<NewEvent>, Vec<_>) = jobs.drain(..).map(|j| (j.event, j.reply)).unzip();
-        match recorder.record(&events, &sinks).await {
+        match recorder.record(&events).await {
             Ok(outcomes) => {
-                if outcomes.iter().any(|o| matches!(o, RecordOutcome::Recorded(_))) && !sinks.is_empty() {
+                if outcomes.iter().any(|o| matches!(o, RecordOutcome::Recorded(_))) {
                     recorded.notify_waiters();
                 }
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -135,13 +120,11 @@ async fn write_batches<R: Recorder>(
             Err(StoreError::Query(e)) if events.len() > 1 => {
                 tracing::warn!(error = %e, batch = events.len(), "batch refused; recording its events one by one");
                 for (event, reply) in events.iter().zip(replies) {
-                    let one = recorder.record(std::slice::from_ref(event), &sinks).await;
+                    let one = recorder.record(std::slice::from_ref(event)).await;
                     let one = one.and_then(|mut o| o.pop().ok_or_else(|| StoreError::Query("no outcome".into())));
                     let _ = reply.send(one);
                 }
-                if !sinks.is_empty() {
-                    recorded.notify_waiters();
-                }
+                recorded.notify_waiters();
             }
             Err(e) => {
                 for reply in replies {
@@ -170,7 +153,7 @@ mod tests {
     }
 
     impl Recorder for PanicsOnce {
-        async fn record(&self, events: &[NewEvent], _: &[SinkFollow]) -> Result<Vec<RecordOutcome>, StoreError> {
+        async fn record(&self, events: &[NewEvent]) -> Result<Vec<RecordOutcome>, StoreError> {
             let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             if call == 1 {
                 panic!("the store call blew up");
@@ -200,7 +183,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_writer_that_panics_fails_its_jobs_and_is_restarted_on_the_same_channel() {
         let (tasks, shutdown, recorder) = (Tasks::new(), CancellationToken::new(), PanicsOnce::default());
-        let writer = spawn_with(recorder.clone(), Arc::default(), 1, Arc::default(), &tasks, shutdown.clone());
+        let writer = spawn_with(recorder.clone(), 1, Arc::default(), &tasks, shutdown.clone());
 
         let lost = writer.record(event("SMpanic1")).await;
         assert!(

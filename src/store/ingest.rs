@@ -1,8 +1,12 @@
-//! Recording events: the event, the newest-wins state of (scope, phone) and,
-//! for every sink that follows the event's scope, its (sink, phone) row made
-//! pending (the relay then brings that sink to the phone's current target),
-//! in one transaction, idempotent per MessageSid. "Newest" is by when the
-//! person said it, then by arrival. The one place the backends take different paths on purpose:
+//! Recording events: the event, the newest-wins state of (scope, phone) and
+//! one `changes` row per consent change, in one transaction, idempotent per
+//! MessageSid. "Newest" is by when the person said it, then by arrival.
+//!
+//! What a webhook costs does not grow with the number of sinks: the relay's
+//! fan-out (`fan_out.rs`) turns each change into a pending row per sink that
+//! follows its scope, in batches, after the webhook has been answered.
+//!
+//! The one place the backends take different paths on purpose:
 //! PostgreSQL records a whole batch in one statement (one round trip, one
 //! WAL flush for many webhooks); SQLite, in-process, loops inside one
 //! transaction, where a statement costs microseconds.
@@ -15,21 +19,17 @@ use sqlx::{PgPool, Row, SqlitePool};
 
 use super::codec::Ts;
 use super::dialect::Dialect;
-use super::{NewEvent, Pool, RecordOutcome, SinkFollow, Store, StoreError};
-use crate::domain::{EventKind, ORGANISATION_SCOPE};
+use super::{NewEvent, Pool, RecordOutcome, Store, StoreError};
+use crate::domain::EventKind;
 
 impl Store {
-    /// Records events, their state change and a pending row for every sink
-    /// that follows them, all in one transaction. Idempotent per MessageSid.
-    pub async fn record_events(
-        &self,
-        events: &[NewEvent],
-        sinks: &[SinkFollow],
-    ) -> Result<Vec<RecordOutcome>, StoreError> {
+    /// Records events, their state change and a change for the relay to fan
+    /// out, all in one transaction. Idempotent per MessageSid.
+    pub async fn record_events(&self, events: &[NewEvent]) -> Result<Vec<RecordOutcome>, StoreError> {
         let (unique, rep) = dedupe(events);
         let inserted = match &self.pool {
-            Pool::Postgres(pool) => record_in_one_statement(pool, events, &unique, sinks).await?,
-            Pool::Sqlite(pool) => record_one_by_one(pool, events, &unique, sinks).await?,
+            Pool::Postgres(pool) => record_in_one_statement(pool, events, &unique).await?,
+            Pool::Sqlite(pool) => record_one_by_one(pool, events, &unique).await?,
         };
         Ok(spread(events.len(), &rep, &inserted))
     }
@@ -37,29 +37,20 @@ impl Store {
 
 /// Data-modifying CTEs insert the events (in arrival order, duplicates
 /// skipped), upsert the newest state per (scope, phone) from what was
-/// actually inserted, and queue one delivery per sink. A single statement is
-/// atomic on its own.
+/// actually inserted, and append the changes. A single statement is atomic
+/// on its own.
 async fn record_in_one_statement(
     pool: &PgPool,
     events: &[NewEvent],
     unique: &[usize],
-    sinks: &[SinkFollow],
 ) -> Result<HashMap<usize, i64>, StoreError> {
-    // (sink, scope) pairs; a NULL scope: the sink follows every scope.
-    let (follow_sinks, follow_scopes): (Vec<String>, Vec<Option<String>>) = sinks
-        .iter()
-        .flat_map(|f| match &f.scopes {
-            None => vec![(f.sink.clone(), None)],
-            Some(scopes) => scopes.iter().map(|s| (f.sink.clone(), Some(s.clone()))).collect(),
-        })
-        .unzip();
     let runs = runs(events, unique);
     let pick = |f: &dyn Fn(&NewEvent) -> Option<String>| unique.iter().map(|&i| f(&events[i])).collect::<Vec<_>>();
     let rows = sqlx::query(
         "WITH input AS (
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                                   $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
-                                  $17::timestamptz[], $18::bool[])
+                                  $14::timestamptz[], $15::bool[])
                     WITH ORDINALITY AS t(sid, acc, svc, scope, phone, raw, to_number, kind, body, params, at, source,
                                          run_since, whole, ord)
          ), ins AS (
@@ -93,24 +84,11 @@ async fn record_in_one_statement(
                                             WHERE n.scope = EXCLUDED.scope AND n.phone = EXCLUDED.phone)
                                  THEN opt_out_state.since ELSE EXCLUDED.since END
               WHERE (opt_out_state.changed_at, opt_out_state.event_id) < (EXCLUDED.changed_at, EXCLUDED.event_id)
-         ), touched AS (
-             -- One row per (sink, phone): ON CONFLICT may not touch a row twice.
-             SELECT DISTINCT ON (f.sink, i.phone) f.sink, i.phone, i.id
-               FROM ins i
-               JOIN UNNEST($13::text[], $14::text[]) AS f(sink, scope)
-                 ON f.scope IS NULL OR f.scope = i.scope OR i.scope = $16
-              WHERE i.kind <> 'help'
-              ORDER BY f.sink, i.phone, i.id DESC
-         ), queued AS (
-             INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
-             SELECT sink, phone, 'pending', id, $15, $15, $15, $15 FROM touched
-              ORDER BY sink, phone
-             ON CONFLICT (sink, phone) DO UPDATE
-                SET status = 'pending', generation = sink_phones.generation + 1, event_id = EXCLUDED.event_id,
-                    next_attempt_at = EXCLUDED.next_attempt_at, updated_at = EXCLUDED.updated_at,
-                    queued_at = CASE WHEN sink_phones.status = 'pending'
-                                     THEN sink_phones.queued_at ELSE EXCLUDED.queued_at END,
-                    attempts = CASE WHEN sink_phones.status = 'pending' THEN sink_phones.attempts ELSE 0 END
+         ), changed AS (
+             -- One row per consent change, however many sinks follow it: the
+             -- relay's fan-out makes their rows pending, off this path.
+             INSERT INTO changes (scope, phone, event_id, recorded_at)
+             SELECT scope, phone, id, $13 FROM ins WHERE kind <> 'help' ORDER BY id
          )
          SELECT id, message_sid FROM ins",
     )
@@ -126,10 +104,7 @@ async fn record_in_one_statement(
     .bind(pick(&|e| Some(e.params.to_string())))
     .bind(unique.iter().map(|&i| events[i].received_at).collect::<Vec<_>>())
     .bind(pick(&|e| Some(e.source.clone())))
-    .bind(follow_sinks)
-    .bind(follow_scopes)
     .bind(Ts(Utc::now()))
-    .bind(ORGANISATION_SCOPE)
     .bind(runs.iter().map(|r| r.0).collect::<Vec<_>>())
     .bind(runs.iter().map(|r| r.1).collect::<Vec<_>>())
     .fetch_all(pool)
@@ -151,7 +126,6 @@ async fn record_one_by_one(
     pool: &SqlitePool,
     events: &[NewEvent],
     unique: &[usize],
-    sinks: &[SinkFollow],
 ) -> Result<HashMap<usize, i64>, StoreError> {
     let now = Ts(Utc::now());
     let mut tx = pool.begin_write().await?;
@@ -200,24 +174,13 @@ async fn record_one_by_one(
         .bind(Ts(e.received_at))
         .execute(&mut *tx)
         .await?;
-        for f in sinks.iter().filter(|f| follows(f, &e.scope)) {
-            sqlx::query(
-                "INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
-                 VALUES ($1, $2, 'pending', $3, $4, $4, $4, $4)
-                 ON CONFLICT (sink, phone) DO UPDATE
-                    SET status = 'pending', generation = sink_phones.generation + 1, event_id = excluded.event_id,
-                        next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at,
-                        queued_at = CASE WHEN sink_phones.status = 'pending'
-                                         THEN sink_phones.queued_at ELSE excluded.queued_at END,
-                        attempts = CASE WHEN sink_phones.status = 'pending' THEN sink_phones.attempts ELSE 0 END",
-            )
-            .bind(&f.sink)
+        sqlx::query("INSERT INTO changes (scope, phone, event_id, recorded_at) VALUES ($1, $2, $3, $4)")
+            .bind(&e.scope)
             .bind(e.phone.as_str())
             .bind(id)
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        }
     }
     tx.commit().await?;
     Ok(inserted)
@@ -250,12 +213,6 @@ fn runs(events: &[NewEvent], unique: &[usize]) -> Vec<(chrono::DateTime<Utc>, bo
         }
     }
     out
-}
-
-/// Whether sink `f` follows an event of `scope`: organisation-wide events
-/// concern every sink.
-fn follows(f: &SinkFollow, scope: &str) -> bool {
-    scope == ORGANISATION_SCOPE || f.scopes.as_ref().is_none_or(|s| s.iter().any(|x| x == scope))
 }
 
 /// Deduplicates a batch by MessageSid (first wins) and returns the indexes

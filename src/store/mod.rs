@@ -18,6 +18,7 @@
 pub mod batch;
 mod codec;
 mod dialect;
+mod fan_out;
 mod health;
 mod ingest;
 mod model;

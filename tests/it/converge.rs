@@ -274,8 +274,7 @@ async fn a_restart_after_fixing_the_token_delivers_at_once(b: Backend) {
         None,
         "test",
     );
-    let follows = [optout_relay::store::SinkFollow { sink: "redcap".into(), scopes: None }];
-    optout_relay::ops::record(&store, event, &follows).await.expect("record");
+    optout_relay::ops::record(&store, event).await.expect("record");
     eventually("the sink is misconfigured", || async {
         store.sink("redcap").await.ok().flatten().is_some_and(|s| s.health == "misconfigured")
     })
@@ -319,7 +318,7 @@ async fn a_restart_backfills_a_known_sink_and_never_mails_the_past(b: Backend) {
         None,
         "test",
     );
-    optout_relay::ops::record(&store, event, &[]).await.expect("record");
+    optout_relay::ops::record(&store, event).await.expect("record");
     stop.cancel();
     let _ = handle.await;
 

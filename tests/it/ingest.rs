@@ -222,7 +222,7 @@ async fn concurrent_webhooks_are_each_recorded_once(b: Backend) {
         assert_eq!(t.await.unwrap(), 200);
     }
     assert_eq!(event_count(&app.store).await, 40);
-    assert_eq!(deliveries(&app.store, None).await.len(), 40, "one row per phone for the one sink");
+    eventually("one row per phone for the one sink", || async { deliveries(&app.store, None).await.len() == 40 }).await;
     app.stop().await;
 }
 
@@ -325,27 +325,27 @@ async fn store_down_answers_503_and_records_nothing(b: Backend) {
 
 async fn a_failing_commit_answers_503_and_leaves_nothing_half_written(b: Backend) {
     let app = spawn_app_with(b, with_sink).await;
-    // Make the last write of the transaction (the sink's row) fail.
+    // Make the last write of the transaction (the change for the relay) fail.
     let trigger: &[&str] = match b {
         Backend::Postgres => &[
             "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$ LANGUAGE plpgsql",
-            "CREATE TRIGGER refuse BEFORE INSERT ON sink_phones FOR EACH ROW EXECUTE FUNCTION refuse()",
+            "CREATE TRIGGER refuse BEFORE INSERT ON changes FOR EACH ROW EXECUTE FUNCTION refuse()",
         ],
         Backend::Sqlite => {
-            &["CREATE TRIGGER refuse BEFORE INSERT ON sink_phones BEGIN SELECT RAISE(ABORT, 'disk full'); END"]
+            &["CREATE TRIGGER refuse BEFORE INSERT ON changes BEGIN SELECT RAISE(ABORT, 'disk full'); END"]
         }
     };
     exec(&app.db_url, trigger).await;
     let stop = stop_params("SMhalf", "+14155551301", "STOP", Some("STOP"));
     assert_eq!(app.post_signed(&stop, TOKEN).await.status(), 503);
-    assert_eq!(event_count(&app.store).await, 0, "no event without its sink's row");
+    assert_eq!(event_count(&app.store).await, 0, "no event without its change");
     assert_eq!(opted_out(&app.store, "+14155551301").await, None);
     // Fixed: Twilio's retry of the same message is recorded in full.
-    let drop = if b == Backend::Postgres { "DROP TRIGGER refuse ON sink_phones" } else { "DROP TRIGGER refuse" };
+    let drop = if b == Backend::Postgres { "DROP TRIGGER refuse ON changes" } else { "DROP TRIGGER refuse" };
     exec(&app.db_url, &[drop]).await;
     assert_eq!(app.post_signed(&stop, TOKEN).await.status(), 200);
     assert_eq!(event_count(&app.store).await, 1);
-    assert_eq!(deliveries(&app.store, None).await.len(), 1);
+    eventually("the sink's row", || async { deliveries(&app.store, None).await.len() == 1 }).await;
     app.stop().await;
 }
 
@@ -375,7 +375,7 @@ async fn one_refused_event_does_not_fail_its_batch_neighbours(b: Backend) {
 }
 
 async fn a_batch_keeps_arrival_order_for_one_phone(b: Backend) {
-    let app = spawn_app(b).await;
+    let app = spawn_app_with(b, with_sink).await;
     let event = |sid: &str, kind| optout_relay::store::NewEvent {
         message_sid: optout_relay::domain::MessageSid::parse(sid).unwrap(),
         account_sid: None,
@@ -393,15 +393,16 @@ async fn a_batch_keeps_arrival_order_for_one_phone(b: Backend) {
     use optout_relay::domain::EventKind::{OptIn, OptOut};
     // The STOP arrives first but its sid sorts last; both said at the same instant.
     let batch = [event("SMzzzz", OptOut), event("SMaaaa", OptIn)];
-    let sinks = [optout_relay::store::SinkFollow { sink: "redcap".into(), scopes: None }];
-    app.store.record_events(&batch, &sinks).await.unwrap();
+    app.store.record_events(&batch).await.unwrap();
     assert_eq!(opted_out(&app.store, "+14155551501").await, Some(false), "the later START wins");
     let recorded = events(&app.store).await;
     let sids: Vec<&str> = recorded.iter().map(|e| e.message_sid.as_str()).collect();
     assert_eq!(sids, ["SMzzzz", "SMaaaa"], "ids follow arrival order");
-    let rows = deliveries(&app.store, None).await;
-    assert_eq!(rows.len(), 1, "one row for the sink and phone");
-    assert_eq!(rows[0].event_id, Some(recorded[1].id), "made pending by the newest, the START");
+    eventually("the sink's row, made pending by the newest change (the START)", || async {
+        let rows = deliveries(&app.store, None).await;
+        rows.len() == 1 && rows[0].event_id == Some(recorded[1].id)
+    })
+    .await;
     app.stop().await;
 }
 
@@ -436,6 +437,12 @@ async fn metrics_count_outcomes_and_report_the_queue(b: Backend) {
     app.post_signed(&stop_params("SMmet1", "+14155551401", "STOP", Some("STOP")), TOKEN).await;
     app.post_signed(&stop_params("SMmet2", "+14155551402", "hello", None), TOKEN).await;
     app.post_signed(&stop_params("SMmet3", "+14155551403", "STOP", Some("STOP")), "wrong").await;
+    // The sink's row is made pending by the fan-out, just after the answer.
+    eventually("the sink's row counted as pending", || async {
+        let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.contains("optout_pending_deliveries{sink=\"redcap\"} 1")
+    })
+    .await;
     let res = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     let text = res.text().await.unwrap();

@@ -677,7 +677,8 @@ async fn a_failing_sink_is_alerted_by_mail_and_so_is_its_recovery(b: Backend) {
     // An earlier run: the sinks known, a STOP waiting for REDCap, which fails.
     let (url, store) = seeded_store(b, &dir, &[], &[]).await;
     store.register_sinks(&[follow("redcap"), follow("email")]).await.unwrap();
-    store.record_events(&[new_stop("SMalert1", "+14155550120")], &[follow("redcap")]).await.unwrap();
+    store.record_events(&[new_stop("SMalert1", "+14155550120")]).await.unwrap();
+    store.fan_out(&[follow("redcap")], u32::MAX).await.unwrap();
     store.sink_failed("redcap", Failing::BackingOff, 1, Utc::now(), "REDCap answered 500 to the export").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
@@ -737,7 +738,8 @@ async fn seeded_store(b: Backend, dir: &tempfile::TempDir, phones: &[&str], sink
     store.migrate().await.unwrap();
     let events: Vec<NewEvent> = phones.iter().enumerate().map(|(i, p)| new_stop(&format!("SMseed{i}"), p)).collect();
     if !events.is_empty() {
-        store.record_events(&events, sinks).await.unwrap();
+        store.record_events(&events).await.unwrap();
+        store.fan_out(sinks, u32::MAX).await.unwrap();
     }
     (url, store)
 }
@@ -761,7 +763,8 @@ async fn a_crashed_workers_lease_expires_and_the_delivery_is_retried(b: Backend)
     let claimed = store.claim("redcap", "crashed-worker", 10, Duration::from_secs(3600)).await.unwrap();
     assert_eq!(claimed.len(), 1);
     // Another phone's change, free to take.
-    store.record_events(&[new_stop("SMfree", "+14155550119")], &[follow("redcap")]).await.unwrap();
+    store.record_events(&[new_stop("SMfree", "+14155550119")]).await.unwrap();
+    store.fan_out(&[follow("redcap")], u32::MAX).await.unwrap();
 
     let mut config = base_config(&url);
     relay_to(&fake)(&mut config);

@@ -83,7 +83,8 @@ impl Db {
     }
 
     async fn record(&self, events: &[NewEvent], sinks: &[SinkFollow]) {
-        self.store.record_events(events, sinks).await.expect("record");
+        self.store.record_events(events).await.expect("record");
+        self.store.fan_out(sinks, u32::MAX).await.expect("fan out");
     }
 
     async fn claim(&self, owner: &str) -> Vec<ClaimedPhone> {
@@ -337,7 +338,7 @@ async fn postgres_and_sqlite_migrations_describe_the_same_schema() {
     let lite = fresh_store(Backend::Sqlite).await;
     let a = pg_schema(&pg.url).await;
     let b = sqlite_schema(&lite.url).await;
-    assert_eq!(a.keys().collect::<Vec<_>>(), ["events", "opt_out_state", "sink_phones", "sinks"]);
+    assert_eq!(a.keys().collect::<Vec<_>>(), ["changes", "events", "opt_out_state", "sink_phones", "sinks"]);
     for (table, shape) in &a {
         assert_eq!(Some(shape), b.get(table), "table {table}: PostgreSQL (left) and SQLite (right) differ");
     }
@@ -479,7 +480,7 @@ async fn each_event_marks_only_the_sinks_that_follow_its_scope(b: Backend) {
     ];
     let ids: Vec<i64> = db
         .store
-        .record_events(&batch, &sinks)
+        .record_events(&batch)
         .await
         .expect("record")
         .into_iter()
@@ -488,6 +489,7 @@ async fn each_event_marks_only_the_sinks_that_follow_its_scope(b: Backend) {
             other => panic!("{other:?}"),
         })
         .collect();
+    db.store.fan_out(&sinks, u32::MAX).await.expect("fan out");
     let rows = db.store.deliveries_of_phone(&phone("+14155550306")).await.expect("rows");
     let got: Vec<(&str, Option<i64>)> = rows.iter().map(|r| (r.sink.as_str(), r.event_id)).collect();
     assert_eq!(got, [("everything", Some(ids[1])), ("study_a", Some(ids[1])), ("study_b", Some(ids[0]))]);
@@ -867,7 +869,79 @@ async fn a_bad_stored_time_or_json_is_an_error_naming_the_row_not_1970() {
     db.stop().await;
 }
 
+// ------------------------------------------------------------------ fan-out
+
+/// Ingest writes one change whatever the number of sinks; the fan-out gives
+/// it to every sink registered before it was recorded (a sink registered
+/// later gets the past from its backfill, or not at all), and takes it once.
+async fn the_fan_out_gives_each_sink_the_changes_recorded_since_it_was_registered(b: Backend) {
+    let db = fresh_store(b).await;
+    let (a, later) = (follow("study_a", None), follow("later", None));
+    db.store.register_sinks(std::slice::from_ref(&a)).await.expect("register");
+    db.store.record_events(&[event("SMfo1", "+14155550701", EventKind::OptOut)]).await.expect("record");
+    assert_eq!(db.store.changes_waiting().await.expect("count"), 1, "one change, not one row per sink");
+    assert!(db.sinks_of("+14155550701").await.is_empty(), "nothing fanned out yet");
+    db.store.register_sinks(std::slice::from_ref(&later)).await.expect("register");
+    let sinks = [a, later];
+    assert_eq!(db.store.fan_out(&sinks, 100).await.expect("fan out"), 1);
+    assert_eq!(db.sinks_of("+14155550701").await, ["study_a"], "recorded before `later` existed");
+    db.store.record_events(&[event("SMfo2", "+14155550702", EventKind::OptOut)]).await.expect("record");
+    db.store.fan_out(&sinks, 100).await.expect("fan out");
+    assert_eq!(db.sinks_of("+14155550702").await, ["later", "study_a"]);
+    assert_eq!(db.store.changes_waiting().await.expect("count"), 0);
+    assert_eq!(db.store.fan_out(&sinks, 100).await.expect("fan out"), 0, "each change is taken once");
+    let row = db.row("study_a", "+14155550701").await.expect("row");
+    assert_eq!(db.generation(row.id).await, 1, "made pending once");
+    // HELP is no change; a scope nobody follows is taken and dropped.
+    db.record(&[event("SMfo3", "+14155550703", EventKind::Help)], &sinks).await;
+    let scoped = [follow("study_b", Some(&[SERVICE_B]))];
+    db.record(&[event_in("SMfo4", "+14155550704", EventKind::OptOut, SERVICE_A, Utc::now())], &scoped).await;
+    assert!(db.sinks_of("+14155550703").await.is_empty() && db.sinks_of("+14155550704").await.is_empty());
+    assert_eq!(db.store.changes_waiting().await.expect("count"), 0);
+    db.stop().await;
+}
+
+/// Fan-outs running at once (two workers, two replicas) take disjoint
+/// changes: every change reaches its sinks once, none is left behind.
+async fn concurrent_fan_outs_lose_and_repeat_nothing(b: Backend) {
+    let db = fresh_store(b).await;
+    let phones: Vec<String> = (0..400).map(|i| format!("+1415555{:04}", 2000 + i)).collect();
+    let events: Vec<NewEvent> =
+        phones.iter().enumerate().map(|(i, p)| event(&format!("SMcf{i}"), p, EventKind::OptOut)).collect();
+    for chunk in events.chunks(50) {
+        db.store.record_events(chunk).await.expect("record");
+    }
+    let sinks = vec![follow("one", None), follow("two", None), follow("three", None)];
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (store, sinks) = (db.store.clone(), sinks.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut taken = 0;
+            loop {
+                let n = store.fan_out(&sinks, 30).await.expect("fan out");
+                taken += n;
+                if n < 30 {
+                    return taken;
+                }
+            }
+        }));
+    }
+    let mut taken = 0;
+    for t in tasks {
+        taken += t.await.expect("task");
+    }
+    assert_eq!(taken, 400, "every change taken exactly once");
+    assert_eq!(db.store.changes_waiting().await.expect("count"), 0);
+    let counts = query_texts(&db.url, "SELECT CAST(COUNT(*) AS TEXT) FROM sink_phones").await;
+    assert_eq!(counts, ["1200"], "one row per sink and phone");
+    let twice = query_texts(&db.url, "SELECT CAST(COUNT(*) AS TEXT) FROM sink_phones WHERE generation <> 1").await;
+    assert_eq!(twice, ["0"], "no row made pending twice");
+    db.stop().await;
+}
+
 both_backends!(
+    the_fan_out_gives_each_sink_the_changes_recorded_since_it_was_registered,
+    concurrent_fan_outs_lose_and_repeat_nothing,
     schema_refuses_rows_that_break_the_queue_invariants,
     a_claim_skips_rows_not_yet_due_and_a_lost_lease_comes_due,
     each_event_marks_only_the_sinks_that_follow_its_scope,

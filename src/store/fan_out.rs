@@ -1,0 +1,135 @@
+//! Fan-out: each recorded consent change becomes a pending row for every
+//! sink that follows its scope.
+//!
+//! Ingest appends one `changes` row per consent change and answers; this
+//! moves them into `sink_phones` in batches, so a webhook costs the same with
+//! one sink or ten, and the per-sink rows are written many to a statement.
+//! The changes taken are deleted in the transaction that makes their rows
+//! pending: a crash leaves them to the next pass, never half done.
+//!
+//! Rows are upserted in (sink, phone) order, the order settles lock them in,
+//! so a fan-out and a settle cannot deadlock on PostgreSQL. Concurrent
+//! fan-outs (replicas) take disjoint changes (`SKIP LOCKED`); both bump a
+//! row's generation, which is all the relay needs: the row is due and its
+//! worker computes the target from the current state, not from the change.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+use sqlx::{PgPool, SqlitePool};
+
+use super::codec::Ts;
+use super::dialect::Dialect;
+use super::{Pool, SinkFollow, Store, StoreError};
+use crate::domain::ORGANISATION_SCOPE;
+
+/// Makes a (sink, phone) row pending for a change, or inserts it. A row that
+/// was done starts a fresh queue time and attempt count.
+const UPSERT: &str = "ON CONFLICT (sink, phone) DO UPDATE
+    SET status = 'pending', generation = sink_phones.generation + 1,
+        event_id = CASE WHEN sink_phones.event_id > EXCLUDED.event_id
+                        THEN sink_phones.event_id ELSE EXCLUDED.event_id END,
+        next_attempt_at = EXCLUDED.next_attempt_at, updated_at = EXCLUDED.updated_at,
+        queued_at = CASE WHEN sink_phones.status = 'pending'
+                         THEN sink_phones.queued_at ELSE EXCLUDED.queued_at END,
+        attempts = CASE WHEN sink_phones.status = 'pending' THEN sink_phones.attempts ELSE 0 END";
+
+impl Store {
+    /// Fans out up to `limit` of the oldest changes to `sinks`; returns how
+    /// many changes were taken (fewer than `limit`: none are left for now).
+    /// A sink gets the changes recorded since it was registered: changes of a
+    /// scope no sink follows are taken and dropped, and what came before a
+    /// sink existed reaches it from the state (`Store::backfill`) or, for a
+    /// notification, not at all.
+    pub async fn fan_out(&self, sinks: &[SinkFollow], limit: u32) -> Result<u64, StoreError> {
+        match &self.pool {
+            Pool::Postgres(pool) => fan_out_pg(pool, sinks, limit).await,
+            Pool::Sqlite(pool) => fan_out_sqlite(pool, sinks, limit).await,
+        }
+    }
+
+    /// Changes recorded and not yet fanned out (normally a moment's worth).
+    pub async fn changes_waiting(&self) -> Result<i64, StoreError> {
+        Ok(super::on_pool!(self, pool => {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM changes").fetch_one(pool).await?
+        }))
+    }
+}
+
+/// One statement: take the changes, upsert their sinks' rows.
+async fn fan_out_pg(pool: &PgPool, sinks: &[SinkFollow], limit: u32) -> Result<u64, StoreError> {
+    // (sink, scope) pairs; a NULL scope: the sink follows every scope.
+    let (follow_sinks, follow_scopes): (Vec<&str>, Vec<Option<&str>>) = sinks
+        .iter()
+        .flat_map(|f| match &f.scopes {
+            None => vec![(f.sink.as_str(), None)],
+            Some(scopes) => scopes.iter().map(|s| (f.sink.as_str(), Some(s.as_str()))).collect(),
+        })
+        .unzip();
+    let taken: i64 = sqlx::query_scalar(&format!(
+        "WITH taken AS (
+             DELETE FROM changes
+              WHERE id IN (SELECT id FROM changes ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING scope, phone, event_id, recorded_at
+         ), touched AS (
+             -- One row per (sink, phone): ON CONFLICT may not touch a row twice.
+             SELECT f.sink, t.phone, MAX(t.event_id) AS event_id
+               FROM taken t
+               JOIN UNNEST($2::text[], $3::text[]) AS f(sink, scope)
+                 ON f.scope IS NULL OR f.scope = t.scope OR t.scope = $4
+               LEFT JOIN sinks s ON s.name = f.sink
+              WHERE s.created_at IS NULL OR t.recorded_at >= s.created_at
+              GROUP BY f.sink, t.phone
+         ), queued AS (
+             INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
+             SELECT sink, phone, 'pending', event_id, $5, $5, $5, $5 FROM touched
+              ORDER BY sink, phone
+             {UPSERT}
+         )
+         SELECT COUNT(*) FROM taken"
+    ))
+    .bind(i64::from(limit))
+    .bind(follow_sinks)
+    .bind(follow_scopes)
+    .bind(ORGANISATION_SCOPE)
+    .bind(Ts(Utc::now()))
+    .fetch_one(pool)
+    .await?;
+    Ok(u64::try_from(taken).unwrap_or(0))
+}
+
+/// SQLite has one writer: read the oldest changes, upsert, delete them, in
+/// one write transaction (nobody can append in between).
+async fn fan_out_sqlite(pool: &SqlitePool, sinks: &[SinkFollow], limit: u32) -> Result<u64, StoreError> {
+    let now = Ts(Utc::now());
+    let mut tx = pool.begin_write().await?;
+    let taken: Vec<(i64, String, String, i64, Ts)> =
+        sqlx::query_as("SELECT id, scope, phone, event_id, recorded_at FROM changes ORDER BY id LIMIT $1")
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+    let registered: HashMap<String, Ts> =
+        sqlx::query_as("SELECT name, created_at FROM sinks").fetch_all(&mut *tx).await?.into_iter().collect();
+    let Some(last) = taken.last().map(|c| c.0) else {
+        return Ok(0);
+    };
+    let sql = format!(
+        "INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
+         VALUES ($1, $2, 'pending', $3, $4, $4, $4, $4) {UPSERT}"
+    );
+    for (_, scope, phone, event_id, recorded_at) in &taken {
+        let since_registered = |f: &&SinkFollow| registered.get(&f.sink).is_none_or(|at| recorded_at >= at);
+        for f in sinks.iter().filter(|f| follows(f, scope)).filter(since_registered) {
+            sqlx::query(&sql).bind(&f.sink).bind(phone).bind(event_id).bind(now).execute(&mut *tx).await?;
+        }
+    }
+    sqlx::query("DELETE FROM changes WHERE id <= $1").bind(last).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(taken.len() as u64)
+}
+
+/// Whether sink `f` follows a change of `scope`: organisation-wide changes
+/// concern every sink.
+fn follows(f: &SinkFollow, scope: &str) -> bool {
+    scope == ORGANISATION_SCOPE || f.scopes.as_ref().is_none_or(|s| s.iter().any(|x| x == scope))
+}
