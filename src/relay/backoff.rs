@@ -21,7 +21,9 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 pub fn failing(error: &SinkError) -> Failing {
     match error {
         SinkError::Misconfigured(_) => Failing::Misconfigured,
-        SinkError::Transient { .. } | SinkError::Uncertain(_) => Failing::BackingOff,
+        // OutOfTime never marks a sink (the worker puts its rows back); the
+        // arm only keeps the match total.
+        SinkError::Transient { .. } | SinkError::Uncertain(_) | SinkError::OutOfTime => Failing::BackingOff,
     }
 }
 
@@ -33,7 +35,7 @@ pub fn probe_delay(policy: &RelayConfig, step: i32, error: &SinkError, unit: f64
         SinkError::Transient { retry_after, .. } => {
             stepped(policy, step, unit).max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER))
         }
-        SinkError::Uncertain(_) => stepped(policy, step, unit),
+        SinkError::Uncertain(_) | SinkError::OutOfTime => stepped(policy, step, unit),
     }
 }
 

@@ -144,6 +144,8 @@ impl Worker {
             self.settle(&settles).await;
         }
         match outcome {
+            // Not a probe's answer either way: a probing sink is probed again.
+            Called::Deferred => return Ok(Pass::Idle(policy.poll_interval)),
             Called::Nothing => {
                 if failing.is_some() {
                     // The probe's row needed no call, so the sink was not tested:
@@ -236,6 +238,20 @@ impl Worker {
                     metrics::delivery(name, "written", send.len() as u64);
                     tracing::info!(sink = name, phones = send.len(), ms, "sink brought to target");
                     Called::Ok
+                }
+                Err(SinkError::OutOfTime) => {
+                    // Nothing sent, nothing learnt about the sink: the rows go
+                    // back as they were, due now, and the sink's health stays.
+                    let now = Utc::now();
+                    for (row, _) in &send {
+                        settles.push(Settled {
+                            id: row.id,
+                            generation: row.generation,
+                            how: Settle::Wait { until: now },
+                        });
+                    }
+                    tracing::info!(sink = name, phones = send.len(), "lease too short for the call; rows put back");
+                    Called::Deferred
                 }
                 Err(error) => {
                     let (soon, late) = self.recheck_times();
@@ -400,6 +416,8 @@ enum Called {
     /// No call was needed.
     Nothing,
     Ok,
+    /// A call was not started (`SinkError::OutOfTime`): the rows are back.
+    Deferred,
     Failed(SinkError),
 }
 
@@ -430,6 +448,8 @@ fn log_failure(sink: &str, error: &SinkError, next: Duration) {
         SinkError::Uncertain(_) => {
             tracing::warn!(sink, %error, next_try = %next, "sink write may or may not have landed; it will be re-read")
         }
-        SinkError::Transient { .. } => tracing::warn!(sink, %error, next_try = %next, "sink failing; backing off"),
+        SinkError::Transient { .. } | SinkError::OutOfTime => {
+            tracing::warn!(sink, %error, next_try = %next, "sink failing; backing off")
+        }
     }
 }

@@ -31,6 +31,11 @@ pub enum SinkError {
     /// could have finished.
     #[error("{0}")]
     Uncertain(String),
+    /// Nothing was sent: the caller's deadline (the end of its lease) would
+    /// come before the call could finish. Says nothing about the sink's
+    /// health; the rows go back for the next pass.
+    #[error("the lease would run out before the call could finish; nothing was sent")]
+    OutOfTime,
 }
 
 /// A configured sink: its name (in the queue, metrics, logs, the admin API

@@ -172,6 +172,7 @@ impl EmailSink {
             }
             SinkError::Misconfigured(message) => SinkError::Misconfigured(clean(message)),
             SinkError::Uncertain(message) => SinkError::Uncertain(clean(message)),
+            SinkError::OutOfTime => SinkError::OutOfTime,
         }
     }
 }

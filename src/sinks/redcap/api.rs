@@ -134,7 +134,7 @@ impl Api {
         if let Some(deadline) = deadline {
             if deadline.saturating_duration_since(Instant::now()) < self.timeout {
                 tracing::info!(sink = %self.sink, op = op.what(), "REDCap call not started: the lease runs out first");
-                return Err(SinkError::Transient { message: LEASE_TOO_SHORT.to_owned(), retry_after: None });
+                return Err(SinkError::OutOfTime);
             }
         }
         let mut form: Vec<(&str, &str)> = Vec::with_capacity(params.len() + 3);
@@ -185,9 +185,6 @@ impl Api {
         transport_failure(op, &self.host, self.timeout, !e.is_connect(), e.is_timeout(), &text)
     }
 }
-
-/// The message of a call not started because the worker's lease would run out first.
-pub(super) const LEASE_TOO_SHORT: &str = "lease would run out before the write could finish; left for the next pass";
 
 /// What a call that got no complete answer means. `connected`: a connection
 /// was made, so the request may have been sent (reqwest cannot say whether
@@ -314,6 +311,7 @@ fn scrub(e: SinkError, token: &str) -> SinkError {
         }
         SinkError::Misconfigured(m) => SinkError::Misconfigured(m.replace(token, "[REDACTED]")),
         SinkError::Uncertain(m) => SinkError::Uncertain(m.replace(token, "[REDACTED]")),
+        SinkError::OutOfTime => SinkError::OutOfTime,
     }
 }
 
