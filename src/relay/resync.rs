@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::target::target;
+use super::target::{by_phone, target};
 use super::Relay;
 use crate::domain::Phone;
 use crate::sinks::redcap::ResyncReport;
@@ -34,10 +34,8 @@ pub enum ResyncError {
 
 /// Every opted-out phone `sink` follows, with when its opt-out began.
 pub async fn opted_out(store: &Store, sink: &Sink) -> Result<Vec<(Phone, DateTime<Utc>)>, StoreError> {
-    let mut by_phone: BTreeMap<String, Vec<StateRow>> = BTreeMap::new();
-    for s in store.states_of_opted_out().await? {
-        by_phone.entry(s.phone.clone()).or_default().push(s);
-    }
+    // Sorted by phone: the resync's import and its log read the same each run.
+    let by_phone: BTreeMap<String, Vec<StateRow>> = by_phone(store.states_of_opted_out().await?).into_iter().collect();
     Ok(by_phone
         .into_iter()
         .filter_map(|(phone, states)| match target(&states, sink.scopes.as_deref()) {
@@ -86,10 +84,7 @@ async fn record(
     // Chunks keep each statement's bound values well under SQLite's limit.
     for chunk in phones.chunks(500) {
         let list: Vec<Phone> = chunk.iter().map(|(p, _)| p.clone()).collect();
-        let mut by_phone: BTreeMap<String, Vec<StateRow>> = BTreeMap::new();
-        for s in store.states_of(&list).await? {
-            by_phone.entry(s.phone.clone()).or_default().push(s);
-        }
+        let by_phone = by_phone(store.states_of(&list).await?);
         let entries: Vec<(Phone, DateTime<Utc>, bool)> = chunk
             .iter()
             .map(|(phone, since)| {

@@ -7,12 +7,24 @@
 //! scope's opt-out began (the earliest, if several): one person, one field,
 //! and a START to one Messaging Service does not undo a STOP to another.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::domain::ORGANISATION_SCOPE;
 use crate::sinks::Target;
 use crate::store::{Held, StateRow};
+
+/// State rows (of many phones, as the store returns them) grouped by phone:
+/// what [`target`] takes, one phone at a time.
+pub fn by_phone(rows: Vec<StateRow>) -> HashMap<String, Vec<StateRow>> {
+    let mut out: HashMap<String, Vec<StateRow>> = HashMap::new();
+    for s in rows {
+        out.entry(s.phone.clone()).or_default().push(s);
+    }
+    out
+}
 
 /// A scope's state once the organisation-wide event is taken into account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::target::{held, target};
+use super::target::{self, held, target};
 use super::{backoff, Relay};
 use crate::domain::Phone;
 use crate::metrics;
@@ -207,7 +207,7 @@ impl Worker {
         let mut settles = Vec::with_capacity(batch.len());
         let mut send: Vec<(&ClaimedPhone, Target)> = Vec::new();
         for row in &batch {
-            let t = target(states.get(&row.phone).map_or(&[][..], Vec::as_slice), self.sink.scopes.as_deref());
+            let t = target(states.get(row.phone.as_str()).map_or(&[][..], Vec::as_slice), self.sink.scopes.as_deref());
             if needs_write(row, t) {
                 send.push((row, t));
             } else {
@@ -298,7 +298,7 @@ impl Worker {
                 }
                 break;
             }
-            let phone_states = states.get(&row.phone).map_or(&[][..], Vec::as_slice);
+            let phone_states = states.get(row.phone.as_str()).map_or(&[][..], Vec::as_slice);
             let t = target(phone_states, self.sink.scopes.as_deref());
             // A notification says "opted out" or "opted back in": a change of
             // `since` alone, or a write to re-read, is nothing to tell.
@@ -376,13 +376,9 @@ impl Worker {
     }
 
     /// The states of the batch's phones, by phone.
-    async fn states(&self, batch: &[ClaimedPhone]) -> Result<HashMap<Phone, Vec<StateRow>>, StoreError> {
+    async fn states(&self, batch: &[ClaimedPhone]) -> Result<HashMap<String, Vec<StateRow>>, StoreError> {
         let phones: Vec<Phone> = batch.iter().map(|r| r.phone.clone()).collect();
-        let mut by_phone: HashMap<Phone, Vec<StateRow>> = HashMap::new();
-        for s in self.relay.store.states_of(&phones).await? {
-            by_phone.entry(Phone::from_stored(s.phone.clone())).or_default().push(s);
-        }
-        Ok(by_phone)
+        Ok(target::by_phone(self.relay.store.states_of(&phones).await?))
     }
 
     fn recheck_times(&self) -> (DateTime<Utc>, DateTime<Utc>) {
