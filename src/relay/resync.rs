@@ -22,6 +22,9 @@ use crate::store::{StateRow, Store, StoreError};
 /// itself is kept in the store, shared by replicas and restarts).
 const LOOK_EVERY: Duration = Duration::from_secs(30);
 
+/// How soon a failed resync is tried again.
+const RETRY_FAILED: Duration = Duration::from_secs(5 * 60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ResyncError {
     #[error("sink {0} is not a configured REDCap sink")]
@@ -63,6 +66,7 @@ pub async fn run(store: &Store, sink: &Sink, late: DateTime<Utc>) -> Result<Resy
         record(store, sink, &phones, uncertain, late).await?;
     }
     let report = result?;
+    store.set_resynced_at(&sink.name, Utc::now()).await?;
     tracing::info!(
         sink = %sink.name,
         phones = report.phones,
@@ -110,7 +114,14 @@ pub async fn every(relay: Arc<Relay>, sink: Arc<Sink>, shutdown: CancellationTok
                 let late = Utc::now()
                     + chrono::Duration::from_std(relay.policy.recheck_late).unwrap_or(chrono::Duration::minutes(10));
                 if let Err(e) = run(&relay.store, &sink, late).await {
-                    tracing::warn!(sink = %sink.name, error = %e, "resync failed; the next round will try again");
+                    // Tried again after RETRY_FAILED (or the interval, if
+                    // shorter), not a whole interval later.
+                    let retry = RETRY_FAILED.min(interval);
+                    tracing::warn!(sink = %sink.name, error = %e, retry_in = ?retry, "resync failed");
+                    let back = chrono::Duration::from_std(interval.saturating_sub(retry)).unwrap_or_default();
+                    if let Err(e) = relay.store.set_resynced_at(&sink.name, Utc::now() - back).await {
+                        tracing::warn!(sink = %sink.name, error = %e, "cannot reschedule the resync");
+                    }
                 }
             }
             Ok(false) => {}

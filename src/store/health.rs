@@ -242,4 +242,19 @@ impl Store {
             Ok(done.rows_affected() == 1)
         })
     }
+
+    /// Sets when the sink's last resync counts as done: now after one that
+    /// worked (`optout-relay resync` included, so the periodic one counts
+    /// from it), or a time that makes the next try come sooner than a full
+    /// interval after one that failed.
+    pub async fn set_resynced_at(&self, name: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query("UPDATE sinks SET resynced_at = $2 WHERE name = $1")
+                .bind(name)
+                .bind(Ts(at))
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+    }
 }

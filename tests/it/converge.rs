@@ -356,6 +356,29 @@ async fn an_operators_retry_checks_the_sink_itself(b: Backend) {
     app.stop().await;
 }
 
+/// A resync run by hand (`optout-relay resync`) counts as the sink's last
+/// one, so the periodic resync does not run it again at once.
+async fn a_resync_by_hand_counts_as_the_last_resync(b: Backend) {
+    let fake = FakeRedcap::start(project()).await;
+    let app = spawn_app_with(b, relay_to(&fake)).await;
+    text(&app, "SMrs1", "STOP", SERVICE).await;
+    eventually("stamped", || async { stamped(&fake, "1") }).await;
+    let before = Utc::now();
+    let sink = optout_relay::sinks::Sink {
+        name: "redcap".into(),
+        scopes: None,
+        kind: optout_relay::sinks::SinkKind::Redcap {
+            sink: redcap_sink(&fake),
+            resync_interval: Duration::from_secs(3600),
+        },
+    };
+    let report = optout_relay::relay::resync::run(&app.store, &sink, Utc::now()).await.expect("resync");
+    assert_eq!(report.phones, 1);
+    let health = app.store.sink("redcap").await.expect("read").expect("registered");
+    assert!(health.resynced_at.is_some_and(|t| t >= before), "resynced_at = {:?}", health.resynced_at);
+    app.stop().await;
+}
+
 fn redcap_sink(fake: &FakeRedcap) -> optout_relay::sinks::redcap::RedcapSink {
     let mut r = redcap_config(&fake.url);
     r.token = SecretString::from(REDCAP_TOKEN);
@@ -372,4 +395,5 @@ both_backends!(
     a_restart_after_fixing_the_token_delivers_at_once,
     a_restart_backfills_a_known_sink_and_never_mails_the_past,
     an_operators_retry_checks_the_sink_itself,
+    a_resync_by_hand_counts_as_the_last_resync,
 );
