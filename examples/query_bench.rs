@@ -534,7 +534,7 @@ async fn settle(store: &Store, batch: &[Settled]) -> anyhow::Result<u64> {
     let now = Utc::now();
     let dead_before = now - chrono::Duration::days(3);
     let recheck = (now + chrono::Duration::seconds(15), now + chrono::Duration::minutes(10));
-    Ok(store.settle_many(OWNER, batch, dead_before, recheck).await?)
+    Ok(store.settle_many(OWNER, batch, dead_before, recheck, Utc::now()).await?)
 }
 
 struct Client {

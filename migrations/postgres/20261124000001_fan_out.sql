@@ -16,3 +16,13 @@ CREATE TABLE changes (
     event_id    BIGINT      NOT NULL,
     recorded_at TIMESTAMPTZ NOT NULL
 );
+
+-- Each pending row costs the fan-out its index entries; two of them bought
+-- nothing. The unique key leads with the phone, so it also serves a phone's
+-- rows in every sink (admin, notifications) and the separate phone index
+-- goes. `event_id` only says which event made a row pending (events are
+-- never deleted), so its foreign key's per-row check goes too.
+ALTER TABLE sink_phones DROP CONSTRAINT sink_phones_event_id_fkey;
+ALTER TABLE sink_phones DROP CONSTRAINT sink_phones_sink_phone_key;
+ALTER TABLE sink_phones ADD CONSTRAINT sink_phones_phone_sink_key UNIQUE (phone, sink);
+DROP INDEX sink_phones_phone_idx;

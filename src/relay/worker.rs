@@ -100,6 +100,7 @@ impl Worker {
             None => self.sink.batch_size(policy.batch_size),
         };
         let claimed_at = tokio::time::Instant::now();
+        let read_at = Utc::now();
         let late = self.recheck_times().1;
         let batch = store.claim_with_recheck(name, &self.owner, limit, policy.lease, late).await?;
         if batch.is_empty() {
@@ -141,7 +142,7 @@ impl Worker {
         };
         if !matches!(outcome, Called::Failed(_)) {
             // Rows first, then health: whoever sees the sink healthy sees its rows settled.
-            self.settle(&settles).await;
+            self.settle(&settles, read_at).await;
         }
         match outcome {
             // Not a probe's answer either way: a probing sink is probed again.
@@ -165,7 +166,7 @@ impl Worker {
                 // The sink's backoff first, then the rows back: another worker
                 // must not take them to a sink this one found failing.
                 self.failed(health.as_ref().map_or(0, |h| h.backoff_step) + 1, &error).await?;
-                self.settle(&settles).await;
+                self.settle(&settles, read_at).await;
                 let expired = store.expire(name, self.dead_before(), &error.to_string()).await?;
                 if expired > 0 {
                     metrics::delivery(name, "dead", expired);
@@ -389,9 +390,9 @@ impl Worker {
 
     /// Records a batch's outcomes in one transaction. A lease lost meanwhile
     /// turns a write into one to re-read (the store does that).
-    async fn settle(&self, settles: &[Settled]) {
+    async fn settle(&self, settles: &[Settled], read_at: DateTime<Utc>) {
         let (soon, late) = self.recheck_times();
-        match self.relay.store.settle_many(&self.owner, settles, self.dead_before(), (soon, late)).await {
+        match self.relay.store.settle_many(&self.owner, settles, self.dead_before(), (soon, late), read_at).await {
             Ok(held) if held < settles.len() as u64 => tracing::warn!(
                 sink = %self.sink.name,
                 lost = settles.len() as u64 - held,

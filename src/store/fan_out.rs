@@ -25,7 +25,7 @@ use crate::domain::ORGANISATION_SCOPE;
 
 /// Makes a (sink, phone) row pending for a change, or inserts it. A row that
 /// was done starts a fresh queue time and attempt count.
-const UPSERT: &str = "ON CONFLICT (sink, phone) DO UPDATE
+const UPSERT: &str = "ON CONFLICT (phone, sink) DO UPDATE
     SET status = 'pending', generation = sink_phones.generation + 1,
         event_id = CASE WHEN sink_phones.event_id > EXCLUDED.event_id
                         THEN sink_phones.event_id ELSE EXCLUDED.event_id END,

@@ -82,7 +82,7 @@ impl Store {
                 }
                 q.push(")");
             }
-            q.push(" GROUP BY phone ON CONFLICT (sink, phone) DO NOTHING");
+            q.push(" GROUP BY phone ON CONFLICT (phone, sink) DO NOTHING");
             Ok(q.build().execute(pool).await?.rows_affected())
         })
     }

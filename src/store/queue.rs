@@ -128,12 +128,17 @@ impl Store {
     /// meanwhile may have landed after another worker's newer one: the row is
     /// made pending for a re-read at `recheck` (soon, late) whoever holds it.
     /// `dead_before`: a failed row queued before this is dead-lettered.
+    /// `read_at`: when the passes read the sink (their claim). A re-read owed
+    /// at `recheck_at` is done only by a pass that read at or after it; an
+    /// earlier pass (a newer change made the row due sooner) leaves it owed,
+    /// so a late-landing request is still caught.
     pub async fn settle_many(
         &self,
         owner: &str,
         settles: &[Settled],
         dead_before: DateTime<Utc>,
         recheck: (DateTime<Utc>, DateTime<Utc>),
+        read_at: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
         if settles.is_empty() {
             return Ok(0);
@@ -146,7 +151,7 @@ impl Store {
             Pool::Postgres(pool) => {
                 let (written, rest): (Vec<&Settled>, Vec<&Settled>) =
                     settles.iter().partition(|s| matches!(s.how, Settle::Written { .. }));
-                (settle_written_pg(pool, owner, &written, now, recheck).await?, rest)
+                (settle_written_pg(pool, owner, &written, now, recheck, read_at).await?, rest)
             }
             Pool::Sqlite(_) => (0, settles.iter().collect()),
         };
@@ -162,13 +167,15 @@ impl Store {
                     Settle::Written { held, result } => sqlx::query(
                         "UPDATE sink_phones
                             SET written_opted_out = $4, written_since = $5, written_at = $6,
-                                uncertain = (recheck_at IS NOT NULL), result = COALESCE($7, result), last_error = NULL, attempts = 0, updated_at = $6,
+                                uncertain = (recheck_at IS NOT NULL AND recheck_at > $8),
+                                result = COALESCE($7, result), last_error = NULL, attempts = 0, updated_at = $6,
                                 locked_until = NULL, locked_by = NULL,
-                                status = CASE WHEN generation = $3 AND recheck_at IS NULL THEN 'done' ELSE 'pending' END,
+                                status = CASE WHEN generation = $3 AND (recheck_at IS NULL OR recheck_at <= $8)
+                                              THEN 'done' ELSE 'pending' END,
                                 next_attempt_at = CASE WHEN generation <> $3 THEN $6
-                                                       WHEN recheck_at IS NOT NULL THEN recheck_at
+                                                       WHEN recheck_at > $8 THEN recheck_at
                                                        ELSE next_attempt_at END,
-                                recheck_at = CASE WHEN generation = $3 THEN NULL ELSE recheck_at END
+                                recheck_at = CASE WHEN recheck_at <= $8 THEN NULL ELSE recheck_at END
                           WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
                     )
                     .bind(s.id)
@@ -177,7 +184,8 @@ impl Store {
                     .bind(held.opted_out)
                     .bind(held.since.map(Ts))
                     .bind(now)
-                    .bind(result.as_ref().map(Json)),
+                    .bind(result.as_ref().map(Json))
+                    .bind(Ts(read_at)),
                     Settle::Uncertain { held, error, soon, late } => sqlx::query(
                         "UPDATE sink_phones
                             SET written_opted_out = $3, written_since = $4, written_at = $5, uncertain = TRUE,
@@ -267,7 +275,7 @@ impl Store {
                                               written_opted_out, written_since, written_at, uncertain, recheck_at)
                      VALUES ($1, $2, CASE WHEN $5 THEN 'pending' ELSE 'done' END, $4, $4, $4, $4,
                              TRUE, $3, $4, $5, CASE WHEN $5 THEN $6 END)
-                     ON CONFLICT (sink, phone) DO UPDATE
+                     ON CONFLICT (phone, sink) DO UPDATE
                         SET written_opted_out = TRUE, written_since = excluded.written_since,
                             written_at = excluded.written_at, updated_at = excluded.updated_at,
                             uncertain = (sink_phones.uncertain OR excluded.uncertain),
@@ -405,6 +413,7 @@ async fn settle_written_pg(
     written: &[&Settled],
     now: Ts,
     recheck: (DateTime<Utc>, DateTime<Utc>),
+    read_at: DateTime<Utc>,
 ) -> Result<u64, StoreError> {
     if written.is_empty() {
         return Ok(0);
@@ -432,13 +441,15 @@ async fn settle_written_pg(
     let settled: Vec<i64> = sqlx::query_scalar(
         "UPDATE sink_phones s
             SET written_opted_out = v.opted_out, written_since = v.since, written_at = $7,
-                uncertain = (s.recheck_at IS NOT NULL), result = COALESCE(v.result, s.result), last_error = NULL,
+                uncertain = (s.recheck_at IS NOT NULL AND s.recheck_at > $8),
+                result = COALESCE(v.result, s.result), last_error = NULL,
                 attempts = 0, updated_at = $7, locked_until = NULL, locked_by = NULL,
-                status = CASE WHEN s.generation = v.generation AND s.recheck_at IS NULL THEN 'done' ELSE 'pending' END,
+                status = CASE WHEN s.generation = v.generation AND (s.recheck_at IS NULL OR s.recheck_at <= $8)
+                              THEN 'done' ELSE 'pending' END,
                 next_attempt_at = CASE WHEN s.generation <> v.generation THEN $7
-                                       WHEN s.recheck_at IS NOT NULL THEN s.recheck_at
+                                       WHEN s.recheck_at > $8 THEN s.recheck_at
                                        ELSE s.next_attempt_at END,
-                recheck_at = CASE WHEN s.generation = v.generation THEN NULL ELSE s.recheck_at END
+                recheck_at = CASE WHEN s.recheck_at <= $8 THEN NULL ELSE s.recheck_at END
            FROM UNNEST($1::bigint[], $2::bigint[], $3::bool[], $4::timestamptz[], $5::jsonb[])
                 AS v(id, generation, opted_out, since, result)
           WHERE s.id = v.id AND s.locked_by = $6 AND s.status = 'pending'
@@ -451,6 +462,7 @@ async fn settle_written_pg(
     .bind(&results)
     .bind(owner)
     .bind(now)
+    .bind(Ts(read_at))
     .fetch_all(&mut *tx)
     .await?;
     if settled.len() < ids.len() {

@@ -113,7 +113,7 @@ async fn a_frozen_worker_resumed_after_its_lease_was_taken_cannot_leave_the_fiel
     };
     let held = app
         .store
-        .settle_many("frozen-worker", &[stale], now - chrono::Duration::days(3), (now, now))
+        .settle_many("frozen-worker", &[stale], now - chrono::Duration::days(3), (now, now), now)
         .await
         .expect("settle");
     assert_eq!(held, 0, "the frozen worker no longer holds the lease");

@@ -102,7 +102,7 @@ impl Db {
         let settles: Vec<Settled> =
             rows.iter().map(|(c, how)| Settled { id: c.id, generation: c.generation, how: how.clone() }).collect();
         let never = Utc::now() - chrono::Duration::days(365);
-        self.store.settle_many(owner, &settles, never, recheck).await.expect("settle")
+        self.store.settle_many(owner, &settles, never, recheck, Utc::now()).await.expect("settle")
     }
 }
 
@@ -360,7 +360,7 @@ async fn postgres_and_sqlite_migrations_describe_the_same_schema() {
         assert!(checks.contains(&want), "sinks: missing CHECK on {want:?}: {checks:?}");
     }
     assert!(
-        a["sink_phones"].uniques.contains(&vec!["sink".to_owned(), "phone".to_owned()]),
+        a["sink_phones"].uniques.contains(&vec!["phone".to_owned(), "sink".to_owned()]),
         "one row per sink and phone"
     );
     assert!(a["opt_out_state"].columns.contains(&("since".to_owned(), true)));
@@ -523,6 +523,55 @@ async fn a_newer_event_bumps_the_generation_and_a_write_of_the_older_target_stay
     db.stop().await;
 }
 
+/// The late re-read after an uncertain write is owed until a pass reads the
+/// sink after its time: a newer change that makes the row due sooner (and
+/// the pass it causes) must not cancel it, or a request REDCap was still
+/// running could land unseen.
+async fn a_newer_change_between_the_re_reads_does_not_cancel_the_late_one(b: Backend) {
+    let db = fresh_store(b).await;
+    let p = "+14155550409";
+    db.record(&[event("SMow1", p, EventKind::OptIn)], &redcap()).await;
+    let c = db.claim("w1").await.remove(0);
+    let (now, late) = (Utc::now(), Utc::now() + chrono::Duration::hours(1));
+    let uncertain =
+        Settle::Uncertain { held: Held { opted_out: false, since: None }, error: "timeout".into(), soon: now, late };
+    assert_eq!(db.settle("w1", &[(&c, uncertain)], (now, late)).await, 1);
+    // A STOP comes in before the late re-read; its pass writes and reads now.
+    db.record(&[event("SMow2", p, EventKind::OptOut)], &redcap()).await;
+    let c = db.claim("w2").await.remove(0);
+    let since = Some(whole_seconds(Utc::now()));
+    let settled = Settled { id: c.id, generation: c.generation, how: written(true, since) };
+    let dead_before = now - chrono::Duration::days(3);
+    let held = db.store.settle_many("w2", &[settled], dead_before, (now, late), Utc::now()).await.expect("settle");
+    assert_eq!(held, 1);
+    let row = db.row("redcap", p).await.expect("row");
+    assert_eq!((row.status.as_str(), row.uncertain), ("pending", true), "the late re-read is still owed");
+    assert_eq!(row.recheck_at.map(|t| t.timestamp()), Some(late.timestamp()));
+    assert_eq!(row.next_attempt_at.timestamp(), late.timestamp(), "due at the late re-read, not before");
+    // Another change makes it due at once; that pass, too, reads before `late`.
+    db.record(&[event("SMow3", p, EventKind::OptOut)], &redcap()).await;
+    let c = db.claim("w3").await.remove(0);
+    let settled = Settled { id: c.id, generation: c.generation, how: written(true, since) };
+    db.store
+        .settle_many("w3", &[settled], now - chrono::Duration::days(3), (now, late), Utc::now())
+        .await
+        .expect("settle");
+    let row = db.row("redcap", p).await.expect("row");
+    assert_eq!((row.status.as_str(), row.uncertain), ("pending", true), "still owed");
+    // A pass that read after `late` finishes it.
+    db.exec(&format!("UPDATE sink_phones SET next_attempt_at = {} WHERE id = {}", db.at(now), c.id))
+        .await
+        .expect("due");
+    let c = db.claim("w4").await.remove(0);
+    assert!(c.uncertain, "the pass knows it must read the sink");
+    let settled = Settled { id: c.id, generation: c.generation, how: written(true, since) };
+    let after = late + chrono::Duration::seconds(1);
+    db.store.settle_many("w4", &[settled], now - chrono::Duration::days(3), (now, late), after).await.expect("settle");
+    let row = db.row("redcap", p).await.expect("row");
+    assert_eq!((row.status.as_str(), row.uncertain, row.recheck_at), ("done", false, None));
+    db.stop().await;
+}
+
 async fn a_write_settled_after_its_lease_was_lost_is_re_read_soon_and_late(b: Backend) {
     let db = fresh_store(b).await;
     let p = "+14155550402";
@@ -532,7 +581,8 @@ async fn a_write_settled_after_its_lease_was_lost_is_re_read_soon_and_late(b: Ba
     // w1 freezes; its lease lapses and w2 takes the row over, writes, settles.
     let past = db.at(Utc::now() - chrono::Duration::seconds(1));
     db.exec(&format!("UPDATE sink_phones SET locked_until = {past}")).await.unwrap();
-    let taken = db.claim("w2").await;
+    let owed = Utc::now() + chrono::Duration::minutes(10);
+    let taken = db.store.claim_with_recheck("redcap", "w2", 10, LEASE, owed).await.expect("claim");
     assert_eq!(taken.len(), 1);
     let since = Some(whole_seconds(Utc::now()));
     let now = Utc::now();
@@ -540,9 +590,14 @@ async fn a_write_settled_after_its_lease_was_lost_is_re_read_soon_and_late(b: Ba
     // w1's lease ran out unsettled: w2's claim owed the row a late re-read.
     let row = db.row("redcap", p).await.expect("row");
     assert_eq!((row.status.as_str(), row.uncertain), ("pending", true), "a late re-read owed");
+    assert_eq!(row.next_attempt_at.timestamp(), owed.timestamp(), "due when a late write would have landed");
+    db.exec(&format!("UPDATE sink_phones SET next_attempt_at = {}", db.at(now))).await.unwrap();
     let reread = db.claim("w2").await;
     assert_eq!(reread.len(), 1);
-    assert_eq!(db.settle("w2", &[(&reread[0], written(true, since))], (now, now)).await, 1);
+    let settled = Settled { id: reread[0].id, generation: reread[0].generation, how: written(true, since) };
+    let read_after = owed + chrono::Duration::seconds(1);
+    let never = now - chrono::Duration::days(365);
+    assert_eq!(db.store.settle_many("w2", &[settled], never, (now, now), read_after).await.expect("settle"), 1);
     assert_eq!(db.row("redcap", p).await.expect("row").status, "done");
 
     // w1 resumes and settles what it sent: its write may have landed after w2's.
@@ -564,11 +619,13 @@ async fn a_write_settled_after_its_lease_was_lost_is_re_read_soon_and_late(b: Ba
     assert_eq!(db.settle("w3", &[(&reread[0], written(true, since))], (now, now)).await, 1);
     let row = db.row("redcap", p).await.expect("row");
     assert_eq!((row.status.as_str(), row.next_attempt_at), ("pending", late), "the late re-read is still owed");
-    // The late re-read ends it.
+    // The late re-read (a pass that reads after `late`) ends it.
     db.exec(&format!("UPDATE sink_phones SET next_attempt_at = {past}")).await.unwrap();
     let last = db.claim("w4").await;
     assert_eq!(last.len(), 1);
-    assert_eq!(db.settle("w4", &[(&last[0], written(true, since))], (now, now)).await, 1);
+    let settled = Settled { id: last[0].id, generation: last[0].generation, how: written(true, since) };
+    let read_after = late + chrono::Duration::seconds(1);
+    assert_eq!(db.store.settle_many("w4", &[settled], never, (now, now), read_after).await.expect("settle"), 1);
     let row = db.row("redcap", p).await.expect("row");
     assert_eq!((row.status.as_str(), row.uncertain, row.recheck_at), ("done", false, None));
     db.stop().await;
@@ -819,7 +876,7 @@ async fn a_replayed_row_restarts_its_age_clock(b: Backend) {
     let max_age = optout_relay::config::RelayConfig::default().max_age;
     let dead_before = Utc::now() - chrono::Duration::from_std(max_age).unwrap();
     let settled = Settled { id: d.id, generation: d.generation, how: failed };
-    assert_eq!(db.store.settle_many("w2", &[settled], dead_before, (now, now)).await.unwrap(), 1);
+    assert_eq!(db.store.settle_many("w2", &[settled], dead_before, (now, now), now).await.unwrap(), 1);
     assert_eq!(db.store.expire("redcap", dead_before, "gave up").await.unwrap(), 0);
     assert_eq!(db.row("redcap", "+14155550103").await.expect("row").status, "pending");
     db.stop().await;
@@ -947,6 +1004,7 @@ both_backends!(
     each_event_marks_only_the_sinks_that_follow_its_scope,
     a_newer_event_bumps_the_generation_and_a_write_of_the_older_target_stays_pending,
     a_write_settled_after_its_lease_was_lost_is_re_read_soon_and_late,
+    a_newer_change_between_the_re_reads_does_not_cancel_the_late_one,
     a_write_settled_late_while_another_worker_holds_the_row_is_re_read_too,
     a_new_sink_gets_the_opt_outs_it_follows_and_a_known_one_is_made_due,
     one_of_two_concurrent_callers_takes_the_probe,

@@ -316,5 +316,5 @@ pub async fn settle_one(
 ) -> bool {
     let now = chrono::Utc::now();
     let settled = optout_relay::store::Settled { id: claimed.id, generation: claimed.generation, how: how.clone() };
-    store.settle_many(owner, &[settled], now - chrono::Duration::days(3), (now, now)).await.expect("settle") == 1
+    store.settle_many(owner, &[settled], now - chrono::Duration::days(3), (now, now), now).await.expect("settle") == 1
 }
