@@ -93,7 +93,8 @@ impl Application {
             relay: relay.clone(),
             tasks: tasks.clone(),
         });
-        let router = http::router(state, config.server.max_body_bytes, config.admin.tokens.clone());
+        let body = http::BodyRules { max_bytes: config.server.max_body_bytes, timeout: config.server.body_timeout };
+        let router = http::router(state, body, config.admin.tokens.clone());
         Ok(Application { listener, router, store, config, relay, tasks, writers_stop })
     }
 
@@ -135,8 +136,14 @@ impl Application {
         start_relay(self.relay.clone(), &self.tasks, shutdown.clone(), workers.clone());
         let grace = self.config.server.shutdown_grace;
         let signal = shutdown.clone();
-        let server =
-            axum::serve(self.listener, self.router).with_graceful_shutdown(async move { signal.cancelled().await });
+        let deadlines = http::serve::Deadlines {
+            header_read: self.config.server.header_read_timeout,
+            idle: self.config.server.idle_timeout,
+        };
+        let server = async move {
+            http::serve::serve(self.listener, self.router, deadlines, signal).await;
+            Ok::<(), std::io::Error>(())
+        };
         let bounded = async {
             shutdown.cancelled().await;
             tokio::time::sleep(grace).await;

@@ -18,6 +18,8 @@ pub enum ApiError {
     Forbidden(#[from] SignatureError),
     #[error("body larger than the limit")]
     PayloadTooLarge,
+    #[error("body not received within the time allowed")]
+    RequestTimeout,
     #[error("body is not application/x-www-form-urlencoded")]
     UnsupportedMediaType,
     #[error("bad request: {0}")]
@@ -44,6 +46,7 @@ impl ApiError {
         match self {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -58,6 +61,7 @@ impl ApiError {
         match self {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unavailable(_) => "store_unavailable",
@@ -71,7 +75,10 @@ impl ApiError {
     pub fn outcome(&self) -> &'static str {
         match self {
             ApiError::Forbidden(_) => "bad_signature",
-            ApiError::PayloadTooLarge | ApiError::UnsupportedMediaType | ApiError::BadRequest(_) => "rejected",
+            ApiError::PayloadTooLarge
+            | ApiError::RequestTimeout
+            | ApiError::UnsupportedMediaType
+            | ApiError::BadRequest(_) => "rejected",
             ApiError::Unavailable(_) => "store_unavailable",
             ApiError::Unauthorized | ApiError::NotFound(_) | ApiError::Conflict(_) => "rejected",
         }
@@ -99,6 +106,11 @@ impl IntoResponse for ApiError {
         match status {
             StatusCode::SERVICE_UNAVAILABLE => {
                 resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            }
+            // The rest of the body may still be on its way: it must not be
+            // read as the next request, so the connection ends here.
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => {
+                resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
             }
             StatusCode::UNAUTHORIZED => {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));

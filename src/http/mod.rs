@@ -1,8 +1,10 @@
 //! The HTTP edge: one router, one shared state, errors mapped in `error.rs`.
 
 mod admin;
+mod body;
 pub mod error;
 mod health;
+pub mod serve;
 mod webhook;
 
 use std::sync::Arc;
@@ -95,7 +97,9 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState, max_body_bytes: usize, admin_tokens: Vec<secrecy::SecretString>) -> Router {
+pub use body::BodyRules;
+
+pub fn router(state: AppState, body: BodyRules, admin_tokens: Vec<secrecy::SecretString>) -> Router {
     let trace = TraceLayer::new_for_http()
         .make_span_with(|req: &Request<_>| {
             let id = req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
@@ -125,8 +129,9 @@ pub fn router(state: AppState, max_body_bytes: usize, admin_tokens: Vec<secrecy:
         routes = routes.merge(admin::router(admin_tokens));
     }
     routes
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(body.max_bytes))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(body, body::read_whole_body))
         .layer(CatchPanicLayer::new())
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(trace)

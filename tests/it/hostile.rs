@@ -1,0 +1,202 @@
+//! Hostile input (issue #12): slow and oversize clients are cut off, odd
+//! bytes and odd numbers get a clear answer, nothing in the log gives a
+//! phone number away.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+/// Short enough that the tests run fast; the cut-offs are asserted to
+/// happen, never how quickly.
+const SHORT: Duration = Duration::from_millis(300);
+/// Longer than any test waits: a limit set to this never fires in a test.
+const NEVER: Duration = Duration::from_secs(3600);
+
+async fn app_with_deadlines(header_read: Duration, body: Duration, idle: Duration) -> TestApp {
+    spawn_app_with(Backend::Sqlite, |c| {
+        c.server.header_read_timeout = header_read;
+        c.server.body_timeout = body;
+        c.server.idle_timeout = idle;
+    })
+    .await
+}
+
+/// Reads until the server closes the connection (or resets it); panics if
+/// it is still open after `PATIENCE`.
+async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin)) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read_all).await.expect("the server closed the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads until `needle` has arrived; panics after `PATIENCE`.
+async fn read_until(stream: &mut (impl AsyncReadExt + Unpin), needle: &str) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !String::from_utf8_lossy(&out).contains(needle) {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read).await.expect("an answer");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(text.contains(needle), "expected {needle:?} in {text:?}");
+    text
+}
+
+/// Writes `head` and then one byte of `trickle` every 50 ms, for ever, until
+/// the server closes the connection; returns what the server sent.
+async fn trickle(app: &TestApp, head: &str, trickle: u8) -> (String, bool) {
+    let stream = TcpStream::connect(app.addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    write.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if write.write_all(&[trickle]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let answer = read_until_closed(&mut read).await;
+    // The writer never stops by itself: if it is still running, the server
+    // closed while the client was still sending.
+    let still_sending = !writer.is_finished();
+    writer.abort();
+    (answer, still_sending)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_trickled_one_byte_at_a_time_are_cut_off() {
+    let app = app_with_deadlines(SHORT, NEVER, NEVER).await;
+    let (answer, still_sending) =
+        trickle(&app, "POST /twilio/messages HTTP/1.1\r\nHost: optout.example.org\r\nX-Padding: ", b'a').await;
+    assert!(still_sending, "closed by the server, not by the client giving up");
+    assert!(!answer.contains("200 OK"), "no request was served: {answer:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_sends_a_request_is_closed() {
+    let app = app_with_deadlines(SHORT, NEVER, NEVER).await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    // Headers may take an hour: what closes the connection is the idle limit.
+    let app = app_with_deadlines(NEVER, NEVER, SHORT).await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let first = read_until(&mut stream, "\r\n\r\n").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first:?}");
+    assert!(!first.to_ascii_lowercase().contains("connection: close"), "kept alive: {first:?}");
+    // A second request on the same connection is served: keep-alive works...
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    read_until(&mut stream, "HTTP/1.1 200").await;
+    // ...and then, with nothing sent, the server hangs up.
+    read_until_closed(&mut stream).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_one_byte_at_a_time_gets_408() {
+    let app = app_with_deadlines(NEVER, SHORT, NEVER).await;
+    let head = "POST /twilio/messages HTTP/1.1\r\nHost: x\r\n\
+                Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 60000\r\n\r\nBody=";
+    let (answer, still_sending) = trickle(&app, head, b'a').await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(still_sending, "answered and closed while the client was still sending");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_declared_length_gets_413_before_any_body() {
+    // With no body deadline, waiting for the body would hang the test.
+    let app = app_with_deadlines(NEVER, NEVER, NEVER).await;
+    for path in ["/twilio/messages", "/v1/opt-outs", "/nowhere"] {
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: 999999999\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_until_closed(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer:?}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_with_an_oversize_length_gets_413_not_100() {
+    let app = app_with_deadlines(NEVER, NEVER, NEVER).await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /twilio/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+              Content-Length: 999999999\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    assert!(!answer.contains("100 Continue"), "{answer:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_within_the_limit_still_works() {
+    let app = app_with_deadlines(NEVER, NEVER, NEVER).await;
+    let params = stop_params("SMcontinue", "+14155550401", "STOP", Some("STOP"));
+    let sig = optout_relay::twilio::signature::compute(TOKEN, &format!("{PUBLIC_URL}/twilio/messages"), &params);
+    let body = encode(&params);
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /twilio/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         X-Twilio-Signature: {sig}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    read_until(&mut stream, "HTTP/1.1 100 Continue\r\n\r\n").await;
+    stream.write_all(body.as_bytes()).await.unwrap();
+    read_until(&mut stream, "</Response>").await;
+    assert_eq!(event_count(&app.store).await, 1);
+    app.stop().await;
+}
+
+/// A body over the limit without a declared length (chunked) is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_the_limit_gets_413() {
+    let app = app_with_deadlines(NEVER, NEVER, NEVER).await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /twilio/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+              Transfer-Encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 70_000, "a".repeat(70_000));
+    let _ = stream.write_all(chunk.as_bytes()).await;
+    let answer = read_until(&mut stream, "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    app.stop().await;
+}
