@@ -117,6 +117,20 @@ fn strip_channel(s: &str) -> &str {
     }
 }
 
+/// Text as the store can hold it: U+0000 becomes U+FFFD (the replacement
+/// character). PostgreSQL's `text` and `jsonb` cannot hold a NUL at all, so a
+/// message carrying one would fail to commit on every retry and look like an
+/// outage; the replacement keeps the rest of the text and marks where the
+/// NUL was. Applied where text enters the domain, after the signature (which
+/// covers the bytes as sent).
+pub fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
 /// Twilio's message id (`SM…`/`MM…`, 34 characters). Accepted leniently (any
 /// 2-64 ASCII alphanumerics) because it is only a deduplication key here.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -219,6 +233,13 @@ mod tests {
         assert_eq!(mask("+14155550101"), "+1415***0101");
         assert_eq!(mask("12345678"), "12***78");
         assert_eq!(mask("123"), "***");
+    }
+
+    #[test]
+    fn nul_becomes_the_replacement_character_and_nothing_else_changes() {
+        assert_eq!(storable("STOP\0now".to_owned()), "STOP\u{FFFD}now");
+        assert_eq!(storable("\0\0".to_owned()), "\u{FFFD}\u{FFFD}");
+        assert_eq!(storable("héllo ☎".to_owned()), "héllo ☎");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::domain::{EventKind, Phone};
+use crate::domain::{storable, EventKind, Phone};
 use crate::ops::{self, PhoneStatus, SinkStatus, SinkTarget};
 use crate::relay::target::Effective;
 use crate::store::{DeliveryFilter, DeliveryRow, EventFilter, EventRow, Held, RecordOutcome, RetryOutcome, StateRow};
@@ -194,7 +194,8 @@ async fn deliveries(
     let limit = limit(q.limit);
     let filter = DeliveryFilter {
         status: q.status,
-        sink: q.sink,
+        // A filter holding a NUL matches nothing; PostgreSQL could not even compare it.
+        sink: q.sink.map(storable),
         phone: phone.map(|p| p.as_str().to_owned()),
         after_id: q.after,
         limit,
@@ -272,7 +273,8 @@ async fn staff_change(
         return Err(ApiError::BadRequest("source is required (who recorded this)".into()));
     }
     let phone = parse_phone(&app, &change.phone)?;
-    let event = ops::staff_event(phone, kind, change.scope, change.note, &change.source);
+    let event =
+        ops::staff_event(phone, kind, change.scope.map(storable), change.note.map(storable), &storable(change.source));
     let sid = event.message_sid.as_str().to_owned();
     match app.writer.record(event).await? {
         RecordOutcome::Recorded(id) => {

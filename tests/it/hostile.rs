@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::both_backends;
 use crate::common::*;
 
 /// Short enough that the tests run fast; the cut-offs are asserted to
@@ -200,3 +201,50 @@ async fn a_chunked_body_over_the_limit_gets_413() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
     app.stop().await;
 }
+
+const ADMIN: &str = "admin-token-for-hostile-tests";
+
+async fn app_with_admin(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |c| c.admin.tokens = vec![secrecy::SecretString::from(ADMIN)]).await
+}
+
+async fn a_nul_byte_in_a_signed_webhook_is_stored_as_the_replacement_character(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut params = stop_params("SMnul1", "+14155550402", "STOP\0 please", Some("STOP"));
+    params.push(("Odd\0Name".to_owned(), "odd\0value".to_owned()));
+    let res = app.post_signed(&params, TOKEN).await;
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap_or_default());
+    let events = events(&app.store).await;
+    assert_eq!(events.len(), 1, "the opt-out is recorded");
+    assert_eq!(events[0].body, "STOP\u{FFFD} please");
+    assert_eq!(events[0].kind, "opt_out");
+    let params_text = query_texts(&app.db_url, "SELECT CAST(params AS TEXT) FROM events").await;
+    assert!(params_text[0].contains("odd\u{FFFD}value"), "{params_text:?}");
+    // Twilio's retry of the same message is a duplicate, not a second failure.
+    assert_eq!(app.post_signed(&params, TOKEN).await.status(), 200);
+    assert_eq!(event_count(&app.store).await, 1);
+    app.stop().await;
+}
+
+async fn a_nul_byte_in_admin_json_is_stored_as_the_replacement_character(backend: Backend) {
+    let app = app_with_admin(backend).await;
+    let body = serde_json::json!({
+        "phone": "+14155550403", "note": "called\u{0}in", "source": "desk\u{0}1", "scope": "MG\u{0}x"
+    });
+    let res = app.client.post(app.url("/v1/opt-outs")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
+    let events = events(&app.store).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].body, "called\u{FFFD}in");
+    assert_eq!(events[0].source, "staff:desk\u{FFFD}1");
+    assert_eq!(events[0].scope, "MG\u{FFFD}x");
+    // A NUL in a query filter matches nothing instead of failing the store.
+    let res = app.client.get(app.url("/v1/deliveries?sink=a%00b")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    app.stop().await;
+}
+
+both_backends!(
+    a_nul_byte_in_a_signed_webhook_is_stored_as_the_replacement_character,
+    a_nul_byte_in_admin_json_is_stored_as_the_replacement_character,
+);
