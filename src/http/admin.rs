@@ -90,7 +90,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 fn parse_phone(app: &AppState, raw: &str) -> Result<Phone, ApiError> {
-    Phone::parse(raw, app.region).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a phone number")))
+    // The input is not echoed: the message is logged, and it may be most of a number.
+    Phone::parse(raw, app.region).map_err(|_| ApiError::BadRequest("phone is not a phone number".into()))
 }
 
 fn limit(requested: Option<i64>) -> i64 {

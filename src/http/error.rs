@@ -90,7 +90,9 @@ impl IntoResponse for ApiError {
         let status = self.status();
         match &self {
             ApiError::Unavailable(e) => tracing::error!(error = %e, "event not committed; answering 503"),
-            other => tracing::warn!(reason = %other, "request refused"),
+            // A rejection may echo its input (serde quotes the value it could
+            // not read): phone numbers in it are masked.
+            other => tracing::warn!(reason = %crate::domain::mask_phones_in(&other.to_string()), "request refused"),
         }
         // 403 says nothing to a forger; 503 hides the database's words; the
         // rest are the client's own mistakes and say what they were.

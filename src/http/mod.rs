@@ -20,7 +20,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::domain::Phone;
+use crate::domain::{mask_phones_in, Phone};
 use crate::store::batch::BatchWriter;
 use crate::store::Store;
 use crate::twilio::keywords::Keywords;
@@ -100,14 +100,15 @@ impl AppState {
 pub use body::BodyRules;
 
 pub fn router(state: AppState, body: BodyRules, admin_tokens: Vec<secrecy::SecretString>) -> Router {
+    let mask_phones = state.mask_phones;
     let trace = TraceLayer::new_for_http()
-        .make_span_with(|req: &Request<_>| {
+        .make_span_with(move |req: &Request<_>| {
             let id = req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
             tracing::info_span!(
                 "request",
                 request_id = %id,
                 method = %req.method(),
-                path = %req.uri().path(),
+                path = %if mask_phones { mask_phones_in(req.uri().path()) } else { req.uri().path().to_owned() },
                 outcome = tracing::field::Empty,
                 kind = tracing::field::Empty,
                 phone = tracing::field::Empty,

@@ -248,3 +248,118 @@ both_backends!(
     a_nul_byte_in_a_signed_webhook_is_stored_as_the_replacement_character,
     a_nul_byte_in_admin_json_is_stored_as_the_replacement_character,
 );
+
+/// The release binary, configured by environment, logging JSON at debug.
+fn binary(dir: &std::path::Path, port: u16) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_optout-relay"));
+    c.current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OPTOUT_RELAY__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("OPTOUT_RELAY__SERVER__PUBLIC_URL", PUBLIC_URL)
+        .env("OPTOUT_RELAY__TWILIO__AUTH_TOKENS", TOKEN)
+        .env("OPTOUT_RELAY__ADMIN__TOKENS", ADMIN)
+        .env("OPTOUT_RELAY__LOG__FORMAT", "json")
+        .env("RUST_LOG", "debug,hyper=info,sqlx=warn,reqwest=info");
+    c
+}
+
+/// Runs the binary, lets `drive` talk to it at its base URL, stops it with
+/// SIGTERM and returns everything it logged.
+async fn logs_of_binary<F, Fut>(drive: F) -> String
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child =
+        KillOnDrop(binary(dir.path(), port).arg("serve").stderr(std::process::Stdio::piped()).spawn().unwrap());
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    eventually("the binary answers /healthz", || {
+        let (client, url) = (client.clone(), format!("{base}/readyz"));
+        async move { client.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    drive(base).await;
+    let kill = std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let mut logs = String::new();
+    child.0.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    assert!(child.0.wait().unwrap().success());
+    logs
+}
+
+/// A child process that a failed test does not leave running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_numbers_in_request_paths_and_rejections_are_masked_in_the_log() {
+    optout_relay::install_tls_provider();
+    let logs = logs_of_binary(|base| async move {
+        let client = reqwest::Client::new();
+        let get = |path: &str| client.get(format!("{base}{path}")).bearer_auth(ADMIN).send();
+        assert_eq!(get("/v1/phones/+14155550121").await.unwrap().status(), 200);
+        assert_eq!(get("/v1/phones/(415)%20555-0122").await.unwrap().status(), 200);
+        assert_eq!(get("/v1/phones/+14155550124abc").await.unwrap().status(), 400);
+        let post =
+            |body: serde_json::Value| client.post(format!("{base}/v1/opt-outs")).bearer_auth(ADMIN).json(&body).send();
+        // serde's message quotes the value it could not read.
+        let res = post(serde_json::json!({ "phone": 14155550123_u64, "source": "desk" })).await.unwrap();
+        assert_eq!(res.status(), 400);
+        let res = post(serde_json::json!({ "phone": "+1 415 555 012", "source": "desk" })).await.unwrap();
+        assert_eq!(res.status(), 400);
+    })
+    .await;
+    for digits in ["4155550121", "555-0122", "4155550124", "4155550123", "555 012\""] {
+        assert!(!logs.contains(digits), "{digits} in the log:\n{logs}");
+    }
+    assert!(logs.contains("/v1/phones/+1415***0121"), "the path is logged, masked:\n{logs}");
+    assert!(logs.contains("request refused"), "the rejections are logged:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_valid_numbers_on_known_channels_are_accepted_from_twilio() {
+    let app = spawn_app(Backend::Sqlite).await;
+    for (i, from) in
+        ["12345", "+12345", "+1234567890123456", "+1415555050", "messenger:+14155550501", "xyz:+14155550501"]
+            .iter()
+            .enumerate()
+    {
+        let res = app.post_signed(&stop_params(&format!("SMbad{i}"), from, "STOP", Some("STOP")), TOKEN).await;
+        assert_eq!(res.status(), 400, "From={from}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["code"], "bad_request", "From={from}");
+    }
+    assert_eq!(event_count(&app.store).await, 0, "none of them recorded");
+    for (sid, from) in [("SMtel", "tel:+14155550502"), ("SMwa", "whatsapp:+14155550503")] {
+        assert_eq!(app.post_signed(&stop_params(sid, from, "STOP", Some("STOP")), TOKEN).await.status(), 200);
+    }
+    let phones: Vec<String> = events(&app.store).await.into_iter().map(|e| e.phone).collect();
+    assert_eq!(phones, ["+14155550502", "+14155550503"]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_valid_numbers_are_accepted_by_the_admin_api() {
+    let app = app_with_admin(Backend::Sqlite).await;
+    for phone in ["12345", "+1234567890123456", "messenger:+14155550504"] {
+        let body = serde_json::json!({ "phone": phone, "source": "desk" });
+        let res = app.client.post(app.url("/v1/opt-outs")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 400, "{phone}");
+        let path = format!("/v1/phones/{}", phone.replace('+', "%2B"));
+        let res = app.client.get(app.url(&path)).bearer_auth(ADMIN).send().await.unwrap();
+        assert_eq!(res.status(), 400, "{path}");
+    }
+    assert_eq!(event_count(&app.store).await, 0);
+    app.stop().await;
+}
