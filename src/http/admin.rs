@@ -59,7 +59,10 @@ pub fn router(tokens: Vec<SecretString>) -> Router<AppState> {
         .route("/v1/deliveries/{id}/retry", post(retry_one))
         .route("/v1/opt-outs", post(opt_out))
         .route("/v1/opt-ins", post(opt_in))
-        .layer(middleware::from_fn_with_state(std::sync::Arc::new(tokens), require_bearer))
+        // Only on these routes (not `layer`, which would also wrap the
+        // fallback): a path that exists nowhere is 404, not a 401 asking for
+        // a token that would not help.
+        .route_layer(middleware::from_fn_with_state(std::sync::Arc::new(tokens), require_bearer))
 }
 
 async fn require_bearer(
@@ -269,7 +272,11 @@ async fn staff_change(
     body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>,
     kind: EventKind,
 ) -> Result<Response, ApiError> {
-    let Json(change) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Json(change) = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType("application/json"),
+        _ => ApiError::BadRequest(e.body_text()),
+    })?;
     if change.source.trim().is_empty() {
         return Err(ApiError::BadRequest("source is required (who recorded this)".into()));
     }

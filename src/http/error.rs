@@ -20,8 +20,9 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("body not received within the time allowed")]
     RequestTimeout,
-    #[error("body is not application/x-www-form-urlencoded")]
-    UnsupportedMediaType,
+    /// The body is not of the one type the endpoint reads (named here).
+    #[error("body is not {0}")]
+    UnsupportedMediaType(&'static str),
     #[error("bad request: {0}")]
     BadRequest(String),
     /// The event was not committed; Twilio (or the caller) should retry.
@@ -47,7 +48,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -62,7 +63,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::RequestTimeout => "request_timeout",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unavailable(_) => "store_unavailable",
             ApiError::Unauthorized => "unauthorized",
@@ -77,7 +78,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "bad_signature",
             ApiError::PayloadTooLarge
             | ApiError::RequestTimeout
-            | ApiError::UnsupportedMediaType
+            | ApiError::UnsupportedMediaType(_)
             | ApiError::BadRequest(_) => "rejected",
             ApiError::Unavailable(_) => "store_unavailable",
             ApiError::Unauthorized | ApiError::NotFound(_) | ApiError::Conflict(_) => "rejected",

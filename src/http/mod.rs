@@ -130,6 +130,7 @@ pub fn router(state: AppState, body: BodyRules, admin_tokens: Vec<secrecy::Secre
         routes = routes.merge(admin::router(admin_tokens));
     }
     routes
+        .fallback(no_such_path)
         .layer(DefaultBodyLimit::max(body.max_bytes))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(body, body::read_whole_body))
@@ -137,4 +138,8 @@ pub fn router(state: AppState, body: BodyRules, admin_tokens: Vec<secrecy::Secre
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(trace)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+async fn no_such_path() -> error::ApiError {
+    error::ApiError::NotFound("no such path".to_owned())
 }

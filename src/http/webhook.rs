@@ -71,7 +71,7 @@ async fn handle(
         _ => ApiError::BadRequest("unreadable body".into()),
     })?;
     if !is_form(headers) {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType("application/x-www-form-urlencoded"));
     }
     let pairs = decode_form(&body);
 

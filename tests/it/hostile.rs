@@ -363,3 +363,50 @@ async fn only_valid_numbers_are_accepted_by_the_admin_api() {
     assert_eq!(event_count(&app.store).await, 0);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_are_404_without_asking_for_a_token() {
+    let with_admin = app_with_admin(Backend::Sqlite).await;
+    let without_admin = spawn_app(Backend::Sqlite).await;
+    for app in [&with_admin, &without_admin] {
+        for path in ["/", "/index.php", "/.env", "/twilio", "/v1", "/v2/phones/x", "/healthz/x"] {
+            let res = app.client.get(app.url(path)).send().await.unwrap();
+            assert_eq!(res.status(), 404, "GET {path}");
+            assert!(res.headers().get("www-authenticate").is_none(), "GET {path}");
+            let body: serde_json::Value = res.json().await.unwrap();
+            assert_eq!(body["code"], "not_found", "GET {path}");
+        }
+        let res = app.client.post(app.url("/wp-login.php")).body("x").send().await.unwrap();
+        assert_eq!(res.status(), 404);
+    }
+    // The admin routes themselves still want the token.
+    let res = with_admin.client.get(with_admin.url("/v1/sinks")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    with_admin.stop().await;
+    without_admin.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_413_for_a_body_over_the_limit_and_415_for_a_non_json_body() {
+    let app = app_with_admin(Backend::Sqlite).await;
+    let post = |body: String, content_type: Option<&str>| {
+        let mut req = app.client.post(app.url("/v1/opt-outs")).bearer_auth(ADMIN).body(body);
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        req.send()
+    };
+    let huge = serde_json::json!({ "phone": "+14155550601", "source": "desk", "note": "x".repeat(70_000) }).to_string();
+    assert_eq!(post(huge, Some("application/json")).await.unwrap().status(), 413);
+    let fine = serde_json::json!({ "phone": "+14155550601", "source": "desk" }).to_string();
+    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
+        let res = post(fine.clone(), content_type).await.unwrap();
+        assert_eq!(res.status(), 415, "{content_type:?}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["code"], "unsupported_media_type");
+    }
+    assert_eq!(event_count(&app.store).await, 0);
+    assert_eq!(post(fine, Some("application/json")).await.unwrap().status(), 201, "the same body as JSON is taken");
+    app.stop().await;
+}
