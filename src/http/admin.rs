@@ -284,6 +284,7 @@ async fn staff_change(
     let event =
         ops::staff_event(phone, kind, change.scope.map(storable), change.note.map(storable), &storable(change.source));
     let sid = event.message_sid.as_str().to_owned();
+    app.schema_ready().await?;
     match app.writer.record(event).await? {
         RecordOutcome::Recorded(id) => {
             tracing::info!(event = id, kind = kind.as_str(), "staff recorded a consent change");

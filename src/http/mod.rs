@@ -45,7 +45,15 @@ pub struct Inner {
     pub relay: Arc<crate::relay::Relay>,
     /// The supervised background tasks, for `/readyz`.
     pub tasks: crate::supervise::Tasks,
+    /// True once this process's migrations are applied (from the start when
+    /// it does not apply them): until then a write is held, not failed.
+    pub schema_ready: tokio::sync::watch::Receiver<bool>,
 }
+
+/// How long a write waits for the migrations on a fresh database before it
+/// answers 503: well under the 15 s Twilio waits for an answer, and Twilio
+/// does not retry a 503 unless told to, so a short hold beats a quick refusal.
+const SCHEMA_WAIT: Duration = Duration::from_secs(10);
 
 impl std::ops::Deref for AppState {
     type Target = Inner;
@@ -82,6 +90,25 @@ impl AppState {
             out.push(format!("{proto}://{host}{path_and_query}"));
         }
         out
+    }
+
+    /// Returns once the schema is there (at once, but for the first moments
+    /// of a process on a fresh database), or 503 after `SCHEMA_WAIT`.
+    pub async fn schema_ready(&self) -> Result<(), error::ApiError> {
+        let mut ready = self.schema_ready.clone();
+        if *ready.borrow() {
+            return Ok(());
+        }
+        tracing::info!("holding a request until the migrations are applied");
+        // Counted so an operator (and a test) can see requests were held, not lost.
+        ::metrics::counter!("optout_requests_held_for_schema_total").increment(1);
+        let waited = tokio::time::timeout(SCHEMA_WAIT, ready.wait_for(|r| *r)).await.map(|r| r.is_ok());
+        match waited {
+            Ok(true) => Ok(()),
+            _ => Err(error::ApiError::Unavailable(crate::store::StoreError::Unavailable(
+                "the database schema is not there yet (migrations pending)".into(),
+            ))),
+        }
     }
 
     pub fn wake_relay(&self) {

@@ -110,6 +110,7 @@ async fn handle(
         received_at: Utc::now(),
         source: "twilio".to_owned(),
     };
+    app.schema_ready().await?;
     match app.writer.record(event).await? {
         RecordOutcome::Recorded(_) => {
             metrics::event(kind.as_str());

@@ -247,6 +247,7 @@ async fn a_nul_byte_in_admin_json_is_stored_as_the_replacement_character(backend
 both_backends!(
     a_nul_byte_in_a_signed_webhook_is_stored_as_the_replacement_character,
     a_nul_byte_in_admin_json_is_stored_as_the_replacement_character,
+    the_first_webhook_on_a_fresh_database_is_recorded_not_refused,
 );
 
 /// The release binary, configured by environment, logging JSON at debug.
@@ -409,4 +410,103 @@ async fn the_admin_api_answers_413_for_a_body_over_the_limit_and_415_for_a_non_j
     assert_eq!(event_count(&app.store).await, 0);
     assert_eq!(post(fine, Some("application/json")).await.unwrap().status(), 201, "the same body as JSON is taken");
     app.stop().await;
+}
+
+/// The app on a fresh database, built and run the way `serve` runs it:
+/// migrations are left to the app (`spawn_app` applies them first).
+struct FreshApp {
+    addr: std::net::SocketAddr,
+    db_url: String,
+    store: optout_relay::store::Store,
+    shutdown: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<std::io::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl FreshApp {
+    /// `before` runs on the fresh database before the app starts.
+    async fn start(backend: Backend, before: &[&str]) -> FreshApp {
+        optout_relay::install_tls_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let db_url = fresh_database(backend, &dir).await;
+        if !before.is_empty() {
+            exec(&db_url, before).await;
+        }
+        let app = optout_relay::startup::Application::build(base_config(&db_url)).await.expect("build app");
+        let (addr, store) = (app.local_addr(), app.store().clone());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let handle = tokio::spawn(app.run_until(shutdown.clone()));
+        FreshApp { addr, db_url, store, shutdown, handle, _dir: dir }
+    }
+
+    /// Sends a signed STOP from `phone`; the answer's status.
+    fn stop_from(&self, sid: &str, phone: &str) -> tokio::task::JoinHandle<reqwest::StatusCode> {
+        let url = format!("http://{}/twilio/messages", self.addr);
+        let params = stop_params(sid, phone, "STOP", Some("STOP"));
+        tokio::spawn(async move { send_signed(&reqwest::Client::new(), &url, &params).await })
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(PATIENCE, self.handle).await;
+        drop_database(&self.db_url).await;
+    }
+}
+
+async fn the_first_webhook_on_a_fresh_database_is_recorded_not_refused(backend: Backend) {
+    let app = FreshApp::start(backend, &[]).await;
+    // At once: the migrations have only just started, if at all.
+    let answer = app.stop_from("SMfirst", "+14155550701").await.unwrap();
+    assert_eq!(answer, 200);
+    assert_eq!(event_count(&app.store).await, 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_is_held_while_the_migrations_cannot_run_and_recorded_once_they_have() {
+    // sqlx's own bookkeeping table, as its migrator creates it, locked by
+    // this test: the migrator blocks on its first read of it.
+    let migrations_table = "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+        installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, checksum BYTEA NOT NULL, \
+        execution_time BIGINT NOT NULL)";
+    optout_relay::install_tls_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_database(Backend::Postgres, &dir).await;
+    exec(&db_url, &[migrations_table]).await;
+    let mut blocker = <sqlx::PgConnection as sqlx::Connection>::connect(&db_url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE").execute(&mut blocker).await.unwrap();
+
+    let app = optout_relay::startup::Application::build(base_config(&db_url)).await.expect("build app");
+    let (addr, store) = (app.local_addr(), app.store().clone());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(app.run_until(shutdown.clone()));
+    eventually("the migrations waiting on the lock", || async {
+        let sql =
+            "SELECT pid::text FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        !query_texts(&db_url, sql).await.is_empty()
+    })
+    .await;
+
+    let held_so_far = || async move {
+        let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+        text.lines()
+            .find(|l| l.starts_with("optout_requests_held_for_schema_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = held_so_far().await;
+    let url = format!("http://{addr}/twilio/messages");
+    let params = stop_params("SMheld", "+14155550702", "STOP", Some("STOP"));
+    let held = tokio::spawn(async move { send_signed(&reqwest::Client::new(), &url, &params).await });
+    // Before the hold it was a 503 at once; now the request waits for the schema.
+    eventually("the webhook held for the schema", || async { held_so_far().await > before }).await;
+    assert!(!held.is_finished(), "answered while the schema was missing");
+
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    assert_eq!(held.await.unwrap(), 200, "answered once the migrations ran");
+    assert_eq!(event_count(&store).await, 1, "and recorded");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(PATIENCE, handle).await;
+    drop_database(&db_url).await;
 }
