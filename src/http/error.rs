@@ -14,8 +14,11 @@ use crate::twilio::webhook::WebhookError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("signature refused: {0}")]
-    Forbidden(#[from] SignatureError),
+    /// The signature did not verify; the second field says over which URLs
+    /// (scheme, host, port, path: no credentials, no query) it was checked,
+    /// which is how an operator finds a wrong `public_url`.
+    #[error("signature refused: {0}; checked against {1}")]
+    Forbidden(SignatureError, String),
     #[error("body larger than the limit")]
     PayloadTooLarge,
     #[error("body not received within the time allowed")]
@@ -45,7 +48,7 @@ impl From<WebhookError> for ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(..) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -60,7 +63,7 @@ impl ApiError {
     /// A stable machine-readable code for the JSON body.
     fn code(&self) -> &'static str {
         match self {
-            ApiError::Forbidden(_) => "forbidden",
+            ApiError::Forbidden(..) => "forbidden",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -75,7 +78,7 @@ impl ApiError {
     /// The word logged as the request's outcome.
     pub fn outcome(&self) -> &'static str {
         match self {
-            ApiError::Forbidden(_) => "bad_signature",
+            ApiError::Forbidden(..) => "bad_signature",
             ApiError::PayloadTooLarge
             | ApiError::RequestTimeout
             | ApiError::UnsupportedMediaType(_)
@@ -98,7 +101,7 @@ impl IntoResponse for ApiError {
         // 403 says nothing to a forger; 503 hides the database's words; the
         // rest are the client's own mistakes and say what they were.
         let detail = match &self {
-            ApiError::Forbidden(_) => None,
+            ApiError::Forbidden(..) => None,
             ApiError::Unavailable(_) => Some("store unavailable, retry later".to_owned()),
             other => Some(other.to_string()),
         };

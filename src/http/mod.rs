@@ -170,3 +170,42 @@ pub fn router(state: AppState, body: BodyRules, admin_tokens: Vec<secrecy::Secre
 async fn no_such_path() -> error::ApiError {
     error::ApiError::NotFound("no such path".to_owned())
 }
+
+/// `https://optout.example.org/twilio/messages, http://…`: each URL a
+/// signature was checked over, reduced to scheme, host, port and path, for the
+/// 403 log line. Userinfo (a URL may carry basic-auth credentials for
+/// Twilio), query and fragment are left out.
+pub fn url_origins_and_paths(urls: &[String]) -> String {
+    let mut shown: Vec<String> = Vec::new();
+    for url in urls {
+        let without_fragment = url.split('#').next().unwrap_or_default();
+        let one = match without_fragment.parse::<axum::http::Uri>() {
+            Ok(uri) => {
+                let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+                format!("{}://{}{port}{}", uri.scheme_str().unwrap_or("?"), uri.host().unwrap_or("?"), uri.path())
+            }
+            Err(_) => "(a URL that does not parse)".to_owned(),
+        };
+        if !shown.contains(&one) {
+            shown.push(one);
+        }
+    }
+    shown.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_origins_and_paths;
+
+    #[test]
+    fn urls_in_the_403_line_keep_scheme_host_port_and_path_only() {
+        let urls = [
+            "https://user:secret@optout.example.org/twilio/messages?x=1#rc=3".to_owned(),
+            "https://user:secret@optout.example.org/twilio/messages?x=1".to_owned(),
+            "http://10.0.0.5:8080/prefix/twilio/messages".to_owned(),
+        ];
+        let shown = url_origins_and_paths(&urls);
+        assert_eq!(shown, "https://optout.example.org/twilio/messages, http://10.0.0.5:8080/prefix/twilio/messages");
+        assert!(!shown.contains("secret"));
+    }
+}

@@ -79,12 +79,14 @@ async fn handle(
         let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
         let urls = app.signed_urls(path_and_query, headers);
         let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        app.verifier.verify(
-            &urls,
-            header_str("x-twilio-signature"),
-            header_str("x-twilio-webhooks-signature-settings"),
-            SignedBody::Form(&pairs),
-        )?;
+        app.verifier
+            .verify(
+                &urls,
+                header_str("x-twilio-signature"),
+                header_str("x-twilio-webhooks-signature-settings"),
+                SignedBody::Form(&pairs),
+            )
+            .map_err(|e| ApiError::Forbidden(e, super::url_origins_and_paths(&urls)))?;
     }
 
     let msg = parse_inbound(&pairs, app.region)?;

@@ -267,7 +267,7 @@ fn binary(dir: &std::path::Path, port: u16) -> std::process::Command {
 
 /// Runs the binary, lets `drive` talk to it at its base URL, stops it with
 /// SIGTERM and returns everything it logged.
-async fn logs_of_binary<F, Fut>(drive: F) -> String
+async fn logs_of_binary<F, Fut>(env: &[(&str, &str)], drive: F) -> String
 where
     F: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -275,8 +275,9 @@ where
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child =
-        KillOnDrop(binary(dir.path(), port).arg("serve").stderr(std::process::Stdio::piped()).spawn().unwrap());
+    let mut command = binary(dir.path(), port);
+    command.envs(env.iter().copied());
+    let mut child = KillOnDrop(command.arg("serve").stderr(std::process::Stdio::piped()).spawn().unwrap());
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     eventually("the binary answers /healthz", || {
@@ -306,7 +307,7 @@ impl Drop for KillOnDrop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phone_numbers_in_request_paths_and_rejections_are_masked_in_the_log() {
     optout_relay::install_tls_provider();
-    let logs = logs_of_binary(|base| async move {
+    let logs = logs_of_binary(&[], |base| async move {
         let client = reqwest::Client::new();
         let get = |path: &str| client.get(format!("{base}{path}")).bearer_auth(ADMIN).send();
         assert_eq!(get("/v1/phones/+14155550121").await.unwrap().status(), 200);
@@ -509,4 +510,39 @@ async fn a_webhook_is_held_while_the_migrations_cannot_run_and_recorded_once_the
     shutdown.cancel();
     let _ = tokio::time::timeout(PATIENCE, handle).await;
     drop_database(&db_url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_log_line_names_the_urls_the_signature_was_checked_against() {
+    optout_relay::install_tls_provider();
+    // A public_url with basic-auth credentials, as Twilio allows: they stay out of the log.
+    let env = [
+        ("OPTOUT_RELAY__SERVER__PUBLIC_URL", "https://relay:pw-in-url@optout.example.org/prefix#rc=2"),
+        ("OPTOUT_RELAY__SERVER__ALTERNATE_PUBLIC_URLS", "[\"https://fallback.example.net:8443\"]"),
+    ];
+    let logs = logs_of_binary(&env, |base| async move {
+        let params = stop_params("SM403", "+14155550801", "STOP", Some("STOP"));
+        let sig = optout_relay::twilio::signature::compute("wrong-token", "https://optout.example.org", &params);
+        let res = reqwest::Client::new()
+            .post(format!("{base}/twilio/messages?q=secretquery"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", sig)
+            .body(encode(&params))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 403);
+    })
+    .await;
+    let line = logs.lines().find(|l| l.contains("signature refused")).unwrap_or_else(|| panic!("no 403 line:\n{logs}"));
+    assert!(
+        line.contains(
+            "checked against https://optout.example.org/prefix/twilio/messages, \
+             https://fallback.example.net:8443/twilio/messages"
+        ),
+        "{line}"
+    );
+    for secret in ["pw-in-url", "secretquery", TOKEN] {
+        assert!(!logs.contains(secret), "{secret} in the log:\n{logs}");
+    }
 }
