@@ -6,7 +6,6 @@
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::store::StoreError;
 use crate::twilio::signature::SignatureError;
@@ -37,6 +36,17 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+}
+
+/// The JSON body of every refusal but 403 (which says nothing to a forger).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable, machine-readable: `bad_request`, `unauthorized`, `not_found`,
+    /// `conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// `request_timeout`, `store_unavailable`.
+    pub code: String,
+    /// What was wrong, for a person.
+    pub detail: String,
 }
 
 impl From<WebhookError> for ApiError {
@@ -107,7 +117,7 @@ impl IntoResponse for ApiError {
         };
         let mut resp = match detail {
             None => status.into_response(),
-            Some(detail) => (status, Json(json!({ "code": self.code(), "detail": detail }))).into_response(),
+            Some(detail) => (status, Json(ErrorBody { code: self.code().to_owned(), detail })).into_response(),
         };
         match status {
             StatusCode::SERVICE_UNAVAILABLE => {

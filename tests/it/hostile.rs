@@ -546,3 +546,59 @@ async fn a_403_log_line_names_the_urls_the_signature_was_checked_against() {
         assert!(!logs.contains(secret), "{secret} in the log:\n{logs}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_says_what_the_admin_api_does() {
+    let app = app_with_admin(Backend::Sqlite).await;
+    let doc: serde_json::Value =
+        app.client.get(app.url("/v1/openapi.json")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let op = |path: &str, method: &str| doc["paths"][path][method].clone();
+    // Filters are query parameters, not path parameters, and none is required.
+    for path in ["/v1/events", "/v1/deliveries"] {
+        let params = op(path, "get")["parameters"].as_array().cloned().unwrap_or_default();
+        assert!(!params.is_empty(), "{path}");
+        for p in &params {
+            assert_eq!(p["in"], "query", "{path}: {p}");
+            assert_ne!(p["required"], true, "{path}: {p}");
+        }
+    }
+    // What the API refuses, the schema refuses: kind and status are enums.
+    let events = op("/v1/events", "get")["parameters"].to_string();
+    assert!(events.contains("EventKind"), "{events}");
+    let kinds = doc["components"]["schemas"]["EventKind"].to_string();
+    for k in ["opt_out", "opt_in", "help"] {
+        assert!(kinds.contains(k), "{kinds}");
+    }
+    let statuses = doc["components"]["schemas"]["DeliveryStatus"].to_string();
+    for s in ["pending", "dead", "done"] {
+        assert!(statuses.contains(s), "{statuses}");
+    }
+    // Every operation documents 401, each store-backed one 503, with the error body.
+    let mut operations = 0;
+    for (path, methods) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in methods.as_object().unwrap() {
+            operations += 1;
+            let responses = &operation["responses"];
+            for status in ["401", "503"] {
+                let schema = responses[status]["content"]["application/json"]["schema"]["$ref"].as_str();
+                assert_eq!(schema, Some("#/components/schemas/ErrorBody"), "{method} {path} {status}");
+            }
+        }
+    }
+    assert_eq!(operations, 9);
+    for path in ["/v1/opt-outs", "/v1/opt-ins"] {
+        for status in ["400", "413", "415"] {
+            assert!(op(path, "post")["responses"][status].is_object(), "{path} {status}");
+        }
+    }
+    // And the answers are what it says: an error body has the documented fields.
+    let res = app.client.get(app.url("/v1/events?kind=maybe")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "bad_request");
+    assert!(body["detail"].is_string());
+    let res = app.client.post(app.url("/v1/deliveries/x/retry")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["code"], "bad_request");
+    app.stop().await;
+}
