@@ -55,12 +55,16 @@ trap cleanup EXIT
 ) >"$work/server.log" 2>&1 &
 server_pid=$!
 
-for _ in $(seq 1 100); do
-    if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then break; fi
+ready() {
+    "${PYTHON:-python3}" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+        "http://127.0.0.1:$port/readyz" >/dev/null 2>&1
+}
+for _ in $(seq 1 150); do
+    if ready; then break; fi
     kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log"; echo "api-fuzz: the server exited"; exit 1; }
     sleep 0.2
 done
-curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null
+ready || { cat "$work/server.log"; echo "api-fuzz: the server never became ready"; exit 1; }
 
 status=0
 venv=$(realpath "$VENV")
