@@ -899,6 +899,24 @@ mod tests {
         parse(toml).expect("parses").problems()
     }
 
+    #[test]
+    fn server_timeouts_have_defaults_read_from_the_file_and_refuse_zero() {
+        let d = ServerConfig::default();
+        assert_eq!(
+            (d.header_read_timeout, d.body_timeout, d.idle_timeout),
+            (Duration::from_secs(10), Duration::from_secs(10), Duration::from_secs(75))
+        );
+        let c =
+            parse("[server]\nheader_read_timeout = \"2s\"\nbody_timeout = \"3s\"\nidle_timeout = \"90s\"\n").unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.server.body_timeout, Duration::from_secs(3));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(90));
+        let found = problems("[server]\nheader_read_timeout = \"0s\"\nidle_timeout = \"0s\"\n");
+        assert!(found.iter().any(|p| p == "server.header_read_timeout must be above 0s"), "{found:?}");
+        assert!(found.iter().any(|p| p == "server.idle_timeout must be above 0s"), "{found:?}");
+        assert!(!found.iter().any(|p| p.contains("body_timeout")), "{found:?}");
+    }
+
     const STUDY_A: &str = r#"
 [sinks.study_a]
 type = "redcap"
