@@ -213,6 +213,16 @@ pub struct ServerConfig {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long a client has to send a request's headers, from the moment the
+    /// connection is opened or its first byte of the request arrives.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a client has to send a request's whole body once its headers arrived.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// How long a keep-alive connection may sit between requests.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -223,6 +233,14 @@ impl Default for ServerConfig {
             alternate_public_urls: Vec::new(),
             max_body_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            // Twilio sends a webhook in one go and waits 15 s for the answer:
+            // a client slower than this is not Twilio.
+            header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            // Longer than the 60 s idle timeout of common proxies and load
+            // balancers, so the proxy closes first and never reuses a
+            // connection this side has just closed.
+            idle_timeout: Duration::from_secs(75),
         }
     }
 }
@@ -649,6 +667,15 @@ impl Config {
         if self.server.max_body_bytes < 1024 {
             out.push("server.max_body_bytes must be at least 1024".to_owned());
         }
+        for (name, d) in [
+            ("header_read_timeout", self.server.header_read_timeout),
+            ("body_timeout", self.server.body_timeout),
+            ("idle_timeout", self.server.idle_timeout),
+        ] {
+            if d.is_zero() {
+                out.push(format!("server.{name} must be above 0s"));
+            }
+        }
         let db = self.database.url.expose_secret();
         if !(db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")) {
             out.push("database.url must start with sqlite:, postgres:// or postgresql://".to_owned());
@@ -870,6 +897,24 @@ mod tests {
 
     fn problems(toml: &str) -> Vec<String> {
         parse(toml).expect("parses").problems()
+    }
+
+    #[test]
+    fn server_timeouts_have_defaults_read_from_the_file_and_refuse_zero() {
+        let d = ServerConfig::default();
+        assert_eq!(
+            (d.header_read_timeout, d.body_timeout, d.idle_timeout),
+            (Duration::from_secs(10), Duration::from_secs(10), Duration::from_secs(75))
+        );
+        let c =
+            parse("[server]\nheader_read_timeout = \"2s\"\nbody_timeout = \"3s\"\nidle_timeout = \"90s\"\n").unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.server.body_timeout, Duration::from_secs(3));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(90));
+        let found = problems("[server]\nheader_read_timeout = \"0s\"\nidle_timeout = \"0s\"\n");
+        assert!(found.iter().any(|p| p == "server.header_read_timeout must be above 0s"), "{found:?}");
+        assert!(found.iter().any(|p| p == "server.idle_timeout must be above 0s"), "{found:?}");
+        assert!(!found.iter().any(|p| p.contains("body_timeout")), "{found:?}");
     }
 
     const STUDY_A: &str = r#"

@@ -27,22 +27,24 @@ pub fn parse_region(code: &str) -> Option<country::Id> {
 
 impl Phone {
     /// Parses a number however it was typed (`(415) 555-0101`, `+1 415…`,
-    /// `1-415-555-0101`, `whatsapp:+1415…`), reading numbers without a country
-    /// code in `region`.
+    /// `1-415-555-0101`, `whatsapp:+1415…`, `tel:+1415…`), reading numbers
+    /// without a country code in `region`. Only a number valid for its region
+    /// is one: a short code (`12345`), a 16-digit run or a number one digit
+    /// short is refused, and so is an address on any channel but WhatsApp
+    /// and `tel:` (`messenger:…`, `client:…`), which no sink could match.
     pub fn parse(raw: &str, region: country::Id) -> Result<Phone, NotAPhone> {
-        let text = strip_channel(raw.trim());
+        let text = strip_known_channel(raw.trim()).ok_or(NotAPhone)?;
         // libphonenumber accepts letters as keypad digits ("1-800-FLOWERS"), which
         // would let any word become a "number"; a phone field of ours holds digits.
-        if text.is_empty() || text.chars().any(|c| c.is_alphabetic()) {
-            return Err(NotAPhone);
-        }
-        let digits = text.chars().filter(char::is_ascii_digit).count();
-        if !(3..=17).contains(&digits) {
+        // Longer than any typed number with spaces: not worth parsing.
+        if text.is_empty() || text.len() > 64 || text.chars().any(|c| c.is_alphabetic()) {
             return Err(NotAPhone);
         }
         let number = phonenumber::parse(Some(region), text).map_err(|_| NotAPhone)?;
-        let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
-        Ok(Phone(e164))
+        if !phonenumber::is_valid(&number) {
+            return Err(NotAPhone);
+        }
+        Ok(Phone(number.format().mode(phonenumber::Mode::E164).to_string()))
     }
 
     /// Like [`Phone::parse`] but only for numbers that are valid for their
@@ -94,6 +96,34 @@ pub fn mask(s: &str) -> String {
     out
 }
 
+/// Masks every phone-like run (seven digits or more, with the separators
+/// people type) in free text: a request path such as `/v1/phones/+1415…`, a
+/// rejection message that echoes its input.
+pub fn mask_phones_in(text: &str) -> String {
+    let phone_char = |c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '.' | '(' | ')' | ' ');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(phone_char) {
+        out.push_str(&rest[..start]);
+        let run_len = rest[start..].find(|c: char| !phone_char(c)).unwrap_or(rest.len() - start);
+        let run = &rest[start..start + run_len];
+        // Only the part from the first digit (or `+`, `(`) to the last digit is the number.
+        let lead = run.find(|c: char| c.is_ascii_digit() || c == '+' || c == '(').unwrap_or(run.len());
+        let end = run.rfind(|c: char| c.is_ascii_digit()).map_or(lead, |i| i + 1).max(lead);
+        let number = &run[lead..end];
+        out.push_str(&run[..lead]);
+        if number.chars().filter(char::is_ascii_digit).count() >= 7 {
+            out.push_str(&mask(number));
+        } else {
+            out.push_str(number);
+        }
+        out.push_str(&run[end..]);
+        rest = &rest[start + run_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `415-555-0101 x12`, `… ext. 12`, `… extension 12`, `… #12` → the number
 /// without its extension: a desk phone typed into a text field still matches.
 fn strip_extension(s: &str) -> &str {
@@ -109,11 +139,38 @@ fn strip_extension(s: &str) -> &str {
     s
 }
 
-/// `whatsapp:+1415…`, `messenger:…`, `sms:…` → the address after the channel.
+/// `whatsapp:+1415…`, `tel:+1415…` → the number; a bare number as it is;
+/// any other `scheme:` (`messenger:`, `client:`, `rcs:`) → None.
+fn strip_known_channel(s: &str) -> Option<&str> {
+    match s.split_once(':') {
+        None => Some(s),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("whatsapp") || scheme.eq_ignore_ascii_case("tel") => {
+            Some(rest.trim())
+        }
+        Some(_) => None,
+    }
+}
+
+/// `whatsapp:+1415…`, `messenger:…`, `sms:…` → the address after the channel:
+/// for matching what people typed into a sink's phone field.
 fn strip_channel(s: &str) -> &str {
     match s.split_once(':') {
         Some((scheme, rest)) if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphabetic()) => rest.trim(),
         _ => s,
+    }
+}
+
+/// Text as the store can hold it: U+0000 becomes U+FFFD (the replacement
+/// character). PostgreSQL's `text` and `jsonb` cannot hold a NUL at all, so a
+/// message carrying one would fail to commit on every retry and look like an
+/// outage; the replacement keeps the rest of the text and marks where the
+/// NUL was. Applied where text enters the domain, after the signature (which
+/// covers the bytes as sent).
+pub fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
     }
 }
 
@@ -134,7 +191,7 @@ impl MessageSid {
 }
 
 /// What an inbound message means for the person's consent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     OptOut,
@@ -193,8 +250,31 @@ mod tests {
     }
 
     #[test]
-    fn short_codes_parse_but_are_never_valid_for_matching() {
-        assert!(Phone::parse("12345", country::Id::US).is_ok());
+    fn only_numbers_valid_for_their_region_on_known_channels_are_phones() {
+        for raw in [
+            "12345",
+            "+12345",
+            "1234567890123456",
+            "+1234567890123456",
+            "+1415555010",
+            "+1 415 555 012",
+            "messenger:+14155550101",
+            "client:alice",
+            "rcs:+14155550101",
+            "whatsapp:12345",
+            "+1415555010\0",
+        ] {
+            assert_eq!(Phone::parse(raw, country::Id::US), Err(NotAPhone), "{raw:?}");
+        }
+        for raw in ["tel:+14155550101", "TEL:+1-415-555-0101", "WhatsApp:+14155550101", "whatsapp: +1 415 555 0101"] {
+            assert_eq!(Phone::parse(raw, country::Id::US).unwrap().as_str(), "+14155550101", "{raw}");
+        }
+        assert_eq!(Phone::parse("+44 20 7946 0958", country::Id::US).unwrap().as_str(), "+442079460958");
+        assert_eq!(Phone::parse("020 7946 0958", country::Id::GB).unwrap().as_str(), "+442079460958");
+    }
+
+    #[test]
+    fn short_codes_are_never_valid_for_matching() {
         assert_eq!(Phone::parse_valid("12345", country::Id::US), None);
         assert_eq!(Phone::parse_valid("", country::Id::US), None);
         assert_eq!(Phone::parse_valid("+44 20 7946 0958", country::Id::US).unwrap().as_str(), "+442079460958");
@@ -219,6 +299,28 @@ mod tests {
         assert_eq!(mask("+14155550101"), "+1415***0101");
         assert_eq!(mask("12345678"), "12***78");
         assert_eq!(mask("123"), "***");
+    }
+
+    #[test]
+    fn nul_becomes_the_replacement_character_and_nothing_else_changes() {
+        assert_eq!(storable("STOP\0now".to_owned()), "STOP\u{FFFD}now");
+        assert_eq!(storable("\0\0".to_owned()), "\u{FFFD}\u{FFFD}");
+        assert_eq!(storable("héllo ☎".to_owned()), "héllo ☎");
+    }
+
+    #[test]
+    fn phone_like_runs_in_text_are_masked_and_the_rest_kept() {
+        assert_eq!(mask_phones_in("/v1/phones/+14155550101"), "/v1/phones/+1415***0101");
+        assert_eq!(mask_phones_in("/v1/phones/%2B14155550101"), "/v1/phones/%2B14155***0101");
+        assert_eq!(
+            mask_phones_in("invalid type: integer `14155550101`, expected a string at line 1 column 25"),
+            "invalid type: integer `14155***0101`, expected a string at line 1 column 25"
+        );
+        assert_eq!(mask_phones_in("call (415) 555-0101 now"), "call (415)***0101 now");
+        assert_eq!(mask_phones_in("/v1/deliveries/12/retry"), "/v1/deliveries/12/retry");
+        assert_eq!(mask_phones_in("short 12345 code"), "short 12345 code");
+        assert_eq!(mask_phones_in(""), "");
+        assert_eq!(mask_phones_in("ünïcode 4155550101 ☎"), "ünïcode 41555***0101 ☎");
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Application {
     tasks: Tasks,
     /// Stops restarting batch writers; cancelled once the server has stopped.
     writers_stop: CancellationToken,
+    /// Set once the migrations are applied; webhooks wait for it.
+    schema_ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl Application {
@@ -73,6 +75,8 @@ impl Application {
         let tasks = Tasks::new();
         let writers_stop = CancellationToken::new();
         let writer = BatchWriter::spawn(store.clone(), writers, recorded.clone(), &tasks, writers_stop.clone());
+        // Without migrations at start the operator has run `migrate`: ready now.
+        let (schema_ready, schema_ready_rx) = tokio::sync::watch::channel(!config.database.run_migrations_on_start);
         let state = AppState::new(Inner {
             store: store.clone(),
             writer,
@@ -84,9 +88,11 @@ impl Application {
             mask_phones: config.log.mask_phones,
             relay: relay.clone(),
             tasks: tasks.clone(),
+            schema_ready: schema_ready_rx,
         });
-        let router = http::router(state, config.server.max_body_bytes, config.admin.tokens.clone());
-        Ok(Application { listener, router, store, config, relay, tasks, writers_stop })
+        let body = http::BodyRules { max_bytes: config.server.max_body_bytes, timeout: config.server.body_timeout };
+        let router = http::router(state, body, config.admin.tokens.clone());
+        Ok(Application { listener, router, store, config, relay, tasks, writers_stop, schema_ready })
     }
 
     fn warn_about(config: &Config, addr: SocketAddr) {
@@ -121,14 +127,20 @@ impl Application {
     /// closes the pool.
     pub async fn run_until(self, shutdown: CancellationToken) -> std::io::Result<()> {
         if self.config.database.run_migrations_on_start {
-            spawn_migrations(self.store.clone(), &self.tasks, shutdown.clone());
+            spawn_migrations(self.store.clone(), &self.tasks, shutdown.clone(), self.schema_ready.clone());
         }
         let workers = Arc::new(std::sync::Mutex::new(Vec::new()));
         start_relay(self.relay.clone(), &self.tasks, shutdown.clone(), workers.clone());
         let grace = self.config.server.shutdown_grace;
         let signal = shutdown.clone();
-        let server =
-            axum::serve(self.listener, self.router).with_graceful_shutdown(async move { signal.cancelled().await });
+        let deadlines = http::serve::Deadlines {
+            header_read: self.config.server.header_read_timeout,
+            idle: self.config.server.idle_timeout,
+        };
+        let server = async move {
+            http::serve::serve(self.listener, self.router, deadlines, signal).await;
+            Ok::<(), std::io::Error>(())
+        };
         let bounded = async {
             shutdown.cancelled().await;
             tokio::time::sleep(grace).await;
@@ -227,18 +239,19 @@ async fn register(relay: &Relay, follows: &[crate::store::SinkFollow]) -> Result
 /// Applies migrations, retrying while the database is unreachable so a
 /// container can start before its database. Supervised as `migrations`; the
 /// supervision ends once they are applied.
-fn spawn_migrations(store: Store, tasks: &Tasks, shutdown: CancellationToken) {
+fn spawn_migrations(store: Store, tasks: &Tasks, shutdown: CancellationToken, ready: tokio::sync::watch::Sender<bool>) {
     supervise::spawn("migrations".into(), tasks, shutdown.clone(), move || {
-        migrate_until_applied(store.clone(), shutdown.clone())
+        migrate_until_applied(store.clone(), shutdown.clone(), ready.clone())
     });
 }
 
-async fn migrate_until_applied(store: Store, shutdown: CancellationToken) {
+async fn migrate_until_applied(store: Store, shutdown: CancellationToken, ready: tokio::sync::watch::Sender<bool>) {
     let mut delay = Duration::from_millis(500);
     loop {
         match store.migrate().await {
             Ok(()) => {
                 tracing::info!(backend = store.backend(), "migrations applied");
+                ready.send_replace(true);
                 return;
             }
             Err(e) => tracing::error!(error = %e, "cannot apply migrations yet; retrying"),

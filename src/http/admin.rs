@@ -2,6 +2,7 @@
 //! Bearer tokens from `[admin] tokens`, compared in constant time; with no
 //! token configured the routes are not mounted at all.
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -11,13 +12,12 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::domain::{EventKind, Phone};
+use crate::domain::{storable, EventKind, Phone};
 use crate::ops::{self, PhoneStatus, SinkStatus, SinkTarget};
 use crate::relay::target::Effective;
 use crate::store::{DeliveryFilter, DeliveryRow, EventFilter, EventRow, Held, RecordOutcome, RetryOutcome, StateRow};
@@ -28,7 +28,7 @@ const MAX_LIMIT: i64 = 500;
 #[openapi(
     info(title = "optout-relay admin API", description = "Opt-out state, events, sinks and what each holds; staff-recorded revocations."),
     paths(phone, events, sinks, retry_sink, deliveries, retry_one, retry_dead, opt_out, opt_in),
-    components(schemas(PhoneStatus, SinkTarget, Effective, Held, SinkStatus, EventRow, DeliveryRow, StateRow, EventPage, DeliveryPage, StaffChange, Recorded)),
+    components(schemas(PhoneStatus, SinkTarget, Effective, Held, SinkStatus, EventRow, DeliveryRow, StateRow, EventPage, DeliveryPage, StaffChange, Recorded, ErrorBody, EventKind, DeliveryStatus, SinkReleased, DeliveryRequeued, DeadRequeued)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -59,7 +59,10 @@ pub fn router(tokens: Vec<SecretString>) -> Router<AppState> {
         .route("/v1/deliveries/{id}/retry", post(retry_one))
         .route("/v1/opt-outs", post(opt_out))
         .route("/v1/opt-ins", post(opt_in))
-        .layer(middleware::from_fn_with_state(std::sync::Arc::new(tokens), require_bearer))
+        // Only on these routes (not `layer`, which would also wrap the
+        // fallback): a path that exists nowhere is 404, not a 401 asking for
+        // a token that would not help.
+        .route_layer(middleware::from_fn_with_state(std::sync::Arc::new(tokens), require_bearer))
 }
 
 async fn require_bearer(
@@ -90,7 +93,18 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 fn parse_phone(app: &AppState, raw: &str) -> Result<Phone, ApiError> {
-    Phone::parse(raw, app.region).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a phone number")))
+    // The input is not echoed: the message is logged, and it may be most of a number.
+    Phone::parse(raw, app.region).map_err(|_| ApiError::BadRequest("phone is not a phone number".into()))
+}
+
+/// A query string or path segment that does not parse is the client's
+/// mistake, answered like any other (JSON 400), not axum's plain-text one.
+fn bad_query(e: QueryRejection) -> ApiError {
+    ApiError::BadRequest(e.body_text())
+}
+
+fn bad_path(e: PathRejection) -> ApiError {
+    ApiError::BadRequest(e.body_text())
 }
 
 fn limit(requested: Option<i64>) -> i64 {
@@ -99,40 +113,74 @@ fn limit(requested: Option<i64>) -> i64 {
 
 /// Current opt-out state per scope, per sink the target against what was
 /// last written there (and when), and the events that made it.
-#[utoipa::path(get, path = "/v1/phones/{phone}", params(("phone" = String, Path, description = "Any format; read with keywords.default_region")),
-    responses((status = 200, body = PhoneStatus), (status = 400), (status = 401)))]
-async fn phone(State(app): State<AppState>, Path(raw): Path<String>) -> Result<Json<PhoneStatus>, ApiError> {
+#[utoipa::path(get, path = "/v1/phones/{phone}",
+    params(("phone" = String, Path, pattern = r"^((whatsapp|tel):)?[+]?[0-9 ().-]{7,24}$", example = "+14155550101",
+        description = "A number valid for its region, in any format (`+14155550101`, `(415) 555-0101`, `whatsapp:+1…`); read with keywords.default_region")),
+    responses(
+        (status = 200, body = PhoneStatus),
+        (status = 400, body = ErrorBody, description = "not a phone number"),
+        (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody, description = "store unavailable"),
+    ))]
+async fn phone(
+    State(app): State<AppState>,
+    raw: Result<Path<String>, PathRejection>,
+) -> Result<Json<PhoneStatus>, ApiError> {
+    let Path(raw) = raw.map_err(bad_path)?;
     let phone = parse_phone(&app, &raw)?;
     Ok(Json(ops::phone_status(&app.store, &app.relay.sinks, &phone).await?))
 }
 
 /// Every configured sink with its health (ok, backing off, misconfigured,
 /// since when), the phones waiting for it and the oldest one's age.
-#[utoipa::path(get, path = "/v1/sinks", responses((status = 200, body = [SinkStatus]), (status = 401)))]
+#[utoipa::path(get, path = "/v1/sinks", responses(
+    (status = 200, body = [SinkStatus]),
+    (status = 401, body = ErrorBody),
+    (status = 503, body = ErrorBody, description = "store unavailable"),
+))]
 async fn sinks(State(app): State<AppState>) -> Result<Json<Vec<SinkStatus>>, ApiError> {
     Ok(Json(ops::sinks_status(&app.store, &app.relay.sinks).await?))
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+struct SinkReleased {
+    sink: String,
+    /// Always `now`.
+    due: String,
+}
+
 /// Ends a sink's backoff (after fixing its token, say): its next probe is due now.
-#[utoipa::path(post, path = "/v1/sinks/{name}/retry", params(("name" = String, Path)),
-    responses((status = 200), (status = 404), (status = 401)))]
-async fn retry_sink(State(app): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(post, path = "/v1/sinks/{name}/retry", params(("name" = String, Path, description = "A configured sink")),
+    responses(
+        (status = 200, body = SinkReleased),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "no such sink"),
+        (status = 503, body = ErrorBody, description = "store unavailable"),
+    ))]
+async fn retry_sink(
+    State(app): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<SinkReleased>, ApiError> {
+    let Path(name) = name.map_err(bad_path)?;
     if app.relay.sink(&name).is_none() || !app.store.release_sink(&name).await? {
-        return Err(ApiError::NotFound(format!("no sink {name}")));
+        return Err(ApiError::NotFound("no such sink".into()));
     }
     tracing::info!(sink = %name, "operator released the sink from backoff");
     app.wake_relay();
-    Ok(Json(json!({ "sink": name, "due": "now" })))
+    Ok(Json(SinkReleased { sink: name, due: "now".to_owned() }))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventQuery {
+    /// A number valid for its region, in any format.
     phone: Option<String>,
-    /// `opt_out`, `opt_in` or `help`.
-    kind: Option<String>,
+    kind: Option<EventKind>,
     /// RFC 3339 time: events received at or after it.
     since: Option<DateTime<Utc>>,
-    /// Page size (1–500, default 100).
+    /// Page size (default 100); values outside 1–500 are brought into it.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
     /// Return events with an id above this (the previous page's `next_after`).
     after: Option<i64>,
@@ -145,16 +193,22 @@ struct EventPage {
     next_after: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/v1/events", params(EventQuery), responses((status = 200, body = EventPage), (status = 400), (status = 401)))]
-async fn events(State(app): State<AppState>, Query(q): Query<EventQuery>) -> Result<Json<EventPage>, ApiError> {
+#[utoipa::path(get, path = "/v1/events", params(EventQuery), responses(
+    (status = 200, body = EventPage),
+    (status = 400, body = ErrorBody, description = "a filter that does not parse"),
+    (status = 401, body = ErrorBody),
+    (status = 503, body = ErrorBody, description = "store unavailable"),
+))]
+async fn events(
+    State(app): State<AppState>,
+    q: Result<Query<EventQuery>, QueryRejection>,
+) -> Result<Json<EventPage>, ApiError> {
+    let Query(q) = q.map_err(bad_query)?;
     let phone = q.phone.as_deref().map(|p| parse_phone(&app, p)).transpose()?;
-    if let Some(k) = q.kind.as_deref() {
-        EventKind::parse(k).ok_or_else(|| ApiError::BadRequest("kind must be opt_out, opt_in or help".into()))?;
-    }
     let limit = limit(q.limit);
     let filter = EventFilter {
         phone: phone.map(|p| p.as_str().to_owned()),
-        kind: q.kind,
+        kind: q.kind.map(|k| k.as_str().to_owned()),
         since: q.since,
         after_id: q.after,
         limit,
@@ -164,13 +218,37 @@ async fn events(State(app): State<AppState>, Query(q): Query<EventQuery>) -> Res
     Ok(Json(EventPage { items, next_after }))
 }
 
+/// Where a (sink, phone) row stands.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum DeliveryStatus {
+    Pending,
+    Dead,
+    Done,
+}
+
+impl DeliveryStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Dead => "dead",
+            DeliveryStatus::Done => "done",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DeliveryQuery {
-    /// `pending`, `dead` or `done`.
-    status: Option<String>,
+    status: Option<DeliveryStatus>,
+    /// A sink's name.
     sink: Option<String>,
+    /// A number valid for its region, in any format.
     phone: Option<String>,
+    /// Page size (default 100); values outside 1–500 are brought into it.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
+    /// Return rows with an id above this (the previous page's `next_after`).
     after: Option<i64>,
 }
 
@@ -180,21 +258,23 @@ struct DeliveryPage {
     next_after: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/v1/deliveries", params(DeliveryQuery), responses((status = 200, body = DeliveryPage), (status = 400), (status = 401)))]
+#[utoipa::path(get, path = "/v1/deliveries", params(DeliveryQuery), responses(
+    (status = 200, body = DeliveryPage),
+    (status = 400, body = ErrorBody, description = "a filter that does not parse"),
+    (status = 401, body = ErrorBody),
+    (status = 503, body = ErrorBody, description = "store unavailable"),
+))]
 async fn deliveries(
     State(app): State<AppState>,
-    Query(q): Query<DeliveryQuery>,
+    q: Result<Query<DeliveryQuery>, QueryRejection>,
 ) -> Result<Json<DeliveryPage>, ApiError> {
-    if let Some(s) = q.status.as_deref() {
-        if !matches!(s, "pending" | "dead" | "done") {
-            return Err(ApiError::BadRequest("status must be pending, dead or done".into()));
-        }
-    }
+    let Query(q) = q.map_err(bad_query)?;
     let phone = q.phone.as_deref().map(|p| parse_phone(&app, p)).transpose()?;
     let limit = limit(q.limit);
     let filter = DeliveryFilter {
-        status: q.status,
-        sink: q.sink,
+        status: q.status.map(|s| s.as_str().to_owned()),
+        // A filter holding a NUL matches nothing; PostgreSQL could not even compare it.
+        sink: q.sink.map(storable),
         phone: phone.map(|p| p.as_str().to_owned()),
         after_id: q.after,
         limit,
@@ -204,38 +284,69 @@ async fn deliveries(
     Ok(Json(DeliveryPage { items, next_after }))
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+struct DeliveryRequeued {
+    id: i64,
+    /// Always `pending`.
+    status: String,
+}
+
 /// Re-queues one (sink, phone) row, due now: it is checked against the sink
 /// once more, whatever its status.
 #[utoipa::path(post, path = "/v1/deliveries/{id}/retry", params(("id" = i64, Path)),
-    responses((status = 200), (status = 404), (status = 409, description = "in a worker's hands"), (status = 401)))]
-async fn retry_one(State(app): State<AppState>, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
+    responses(
+        (status = 200, body = DeliveryRequeued),
+        (status = 400, body = ErrorBody, description = "an id that is not an integer"),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "in a worker's hands"),
+        (status = 503, body = ErrorBody, description = "store unavailable"),
+    ))]
+async fn retry_one(
+    State(app): State<AppState>,
+    id: Result<Path<i64>, PathRejection>,
+) -> Result<Json<DeliveryRequeued>, ApiError> {
+    let Path(id) = id.map_err(bad_path)?;
     match app.store.retry_delivery(id).await? {
         RetryOutcome::Requeued => {
             app.wake_relay();
-            Ok(Json(json!({ "id": id, "status": "pending" })))
+            Ok(Json(DeliveryRequeued { id, status: "pending".to_owned() }))
         }
         RetryOutcome::NotFound => Err(ApiError::NotFound(format!("no delivery {id}"))),
         RetryOutcome::NotRetryable => Err(ApiError::Conflict(format!("delivery {id} is being delivered right now"))),
     }
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+struct DeadRequeued {
+    /// How many dead rows were made pending again.
+    requeued: u64,
+}
+
 /// Re-queues every dead delivery.
-#[utoipa::path(post, path = "/v1/deliveries/retry-dead", responses((status = 200), (status = 401)))]
-async fn retry_dead(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let n = app.store.replay_dead(None).await?;
+#[utoipa::path(post, path = "/v1/deliveries/retry-dead", responses(
+    (status = 200, body = DeadRequeued),
+    (status = 401, body = ErrorBody),
+    (status = 503, body = ErrorBody, description = "store unavailable"),
+))]
+async fn retry_dead(State(app): State<AppState>) -> Result<Json<DeadRequeued>, ApiError> {
+    let requeued = app.store.replay_dead(None).await?;
     app.wake_relay();
-    Ok(Json(json!({ "requeued": n })))
+    Ok(Json(DeadRequeued { requeued }))
 }
 
 /// A change of consent received another way (phone call, email, letter).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StaffChange {
+    /// A number valid for its region, in any format.
+    #[schema(pattern = r"^((whatsapp|tel):)?[+]?[0-9 ().-]{7,24}$", example = "+14155550101")]
     phone: String,
     /// Default: the whole organisation.
     scope: Option<String>,
     note: Option<String>,
-    /// Who or what recorded it, e.g. `call-center:jdoe`.
+    /// Who or what recorded it, e.g. `call-center:jdoe`; not blank.
+    #[schema(min_length = 1)]
     source: String,
 }
 
@@ -246,7 +357,15 @@ struct Recorded {
     kind: String,
 }
 
-#[utoipa::path(post, path = "/v1/opt-outs", request_body = StaffChange, responses((status = 201, body = Recorded), (status = 400), (status = 401), (status = 503)))]
+#[utoipa::path(post, path = "/v1/opt-outs", request_body = StaffChange, responses(
+    (status = 201, body = Recorded),
+    (status = 400, body = ErrorBody, description = "not a phone number, no source, or not this JSON"),
+    (status = 401, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "already recorded"),
+    (status = 413, body = ErrorBody, description = "body over server.max_body_bytes"),
+    (status = 415, body = ErrorBody, description = "body not application/json"),
+    (status = 503, body = ErrorBody, description = "store unavailable; nothing was recorded"),
+))]
 async fn opt_out(
     State(app): State<AppState>,
     body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>,
@@ -254,7 +373,15 @@ async fn opt_out(
     staff_change(app, body, EventKind::OptOut).await
 }
 
-#[utoipa::path(post, path = "/v1/opt-ins", request_body = StaffChange, responses((status = 201, body = Recorded), (status = 400), (status = 401), (status = 503)))]
+#[utoipa::path(post, path = "/v1/opt-ins", request_body = StaffChange, responses(
+    (status = 201, body = Recorded),
+    (status = 400, body = ErrorBody, description = "not a phone number, no source, or not this JSON"),
+    (status = 401, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "already recorded"),
+    (status = 413, body = ErrorBody, description = "body over server.max_body_bytes"),
+    (status = 415, body = ErrorBody, description = "body not application/json"),
+    (status = 503, body = ErrorBody, description = "store unavailable; nothing was recorded"),
+))]
 async fn opt_in(
     State(app): State<AppState>,
     body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>,
@@ -267,13 +394,19 @@ async fn staff_change(
     body: Result<Json<StaffChange>, axum::extract::rejection::JsonRejection>,
     kind: EventKind,
 ) -> Result<Response, ApiError> {
-    let Json(change) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Json(change) = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType("application/json"),
+        _ => ApiError::BadRequest(e.body_text()),
+    })?;
     if change.source.trim().is_empty() {
         return Err(ApiError::BadRequest("source is required (who recorded this)".into()));
     }
     let phone = parse_phone(&app, &change.phone)?;
-    let event = ops::staff_event(phone, kind, change.scope, change.note, &change.source);
+    let event =
+        ops::staff_event(phone, kind, change.scope.map(storable), change.note.map(storable), &storable(change.source));
     let sid = event.message_sid.as_str().to_owned();
+    app.schema_ready().await?;
     match app.writer.record(event).await? {
         RecordOutcome::Recorded(id) => {
             tracing::info!(event = id, kind = kind.as_str(), "staff recorded a consent change");

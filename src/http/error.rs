@@ -6,7 +6,6 @@
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::store::StoreError;
 use crate::twilio::signature::SignatureError;
@@ -14,12 +13,18 @@ use crate::twilio::webhook::WebhookError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("signature refused: {0}")]
-    Forbidden(#[from] SignatureError),
+    /// The signature did not verify; the second field says over which URLs
+    /// (scheme, host, port, path: no credentials, no query) it was checked,
+    /// which is how an operator finds a wrong `public_url`.
+    #[error("signature refused: {0}; checked against {1}")]
+    Forbidden(SignatureError, String),
     #[error("body larger than the limit")]
     PayloadTooLarge,
-    #[error("body is not application/x-www-form-urlencoded")]
-    UnsupportedMediaType,
+    #[error("body not received within the time allowed")]
+    RequestTimeout,
+    /// The body is not of the one type the endpoint reads (named here).
+    #[error("body is not {0}")]
+    UnsupportedMediaType(&'static str),
     #[error("bad request: {0}")]
     BadRequest(String),
     /// The event was not committed; Twilio (or the caller) should retry.
@@ -33,6 +38,17 @@ pub enum ApiError {
     Conflict(String),
 }
 
+/// The JSON body of every refusal but 403 (which says nothing to a forger).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable, machine-readable: `bad_request`, `unauthorized`, `not_found`,
+    /// `conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// `request_timeout`, `store_unavailable`.
+    pub code: String,
+    /// What was wrong, for a person.
+    pub detail: String,
+}
+
 impl From<WebhookError> for ApiError {
     fn from(e: WebhookError) -> Self {
         ApiError::BadRequest(e.to_string())
@@ -42,9 +58,10 @@ impl From<WebhookError> for ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(..) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -56,9 +73,10 @@ impl ApiError {
     /// A stable machine-readable code for the JSON body.
     fn code(&self) -> &'static str {
         match self {
-            ApiError::Forbidden(_) => "forbidden",
+            ApiError::Forbidden(..) => "forbidden",
             ApiError::PayloadTooLarge => "payload_too_large",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unavailable(_) => "store_unavailable",
             ApiError::Unauthorized => "unauthorized",
@@ -70,8 +88,11 @@ impl ApiError {
     /// The word logged as the request's outcome.
     pub fn outcome(&self) -> &'static str {
         match self {
-            ApiError::Forbidden(_) => "bad_signature",
-            ApiError::PayloadTooLarge | ApiError::UnsupportedMediaType | ApiError::BadRequest(_) => "rejected",
+            ApiError::Forbidden(..) => "bad_signature",
+            ApiError::PayloadTooLarge
+            | ApiError::RequestTimeout
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::BadRequest(_) => "rejected",
             ApiError::Unavailable(_) => "store_unavailable",
             ApiError::Unauthorized | ApiError::NotFound(_) | ApiError::Conflict(_) => "rejected",
         }
@@ -83,22 +104,29 @@ impl IntoResponse for ApiError {
         let status = self.status();
         match &self {
             ApiError::Unavailable(e) => tracing::error!(error = %e, "event not committed; answering 503"),
-            other => tracing::warn!(reason = %other, "request refused"),
+            // A rejection may echo its input (serde quotes the value it could
+            // not read): phone numbers in it are masked.
+            other => tracing::warn!(reason = %crate::domain::mask_phones_in(&other.to_string()), "request refused"),
         }
         // 403 says nothing to a forger; 503 hides the database's words; the
         // rest are the client's own mistakes and say what they were.
         let detail = match &self {
-            ApiError::Forbidden(_) => None,
+            ApiError::Forbidden(..) => None,
             ApiError::Unavailable(_) => Some("store unavailable, retry later".to_owned()),
             other => Some(other.to_string()),
         };
         let mut resp = match detail {
             None => status.into_response(),
-            Some(detail) => (status, Json(json!({ "code": self.code(), "detail": detail }))).into_response(),
+            Some(detail) => (status, Json(ErrorBody { code: self.code().to_owned(), detail })).into_response(),
         };
         match status {
             StatusCode::SERVICE_UNAVAILABLE => {
                 resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            }
+            // The rest of the body may still be on its way: it must not be
+            // read as the next request, so the connection ends here.
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => {
+                resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
             }
             StatusCode::UNAUTHORIZED => {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));

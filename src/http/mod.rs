@@ -1,8 +1,10 @@
 //! The HTTP edge: one router, one shared state, errors mapped in `error.rs`.
 
 mod admin;
+mod body;
 pub mod error;
 mod health;
+pub mod serve;
 mod webhook;
 
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::domain::Phone;
+use crate::domain::{mask_phones_in, Phone};
 use crate::store::batch::BatchWriter;
 use crate::store::Store;
 use crate::twilio::keywords::Keywords;
@@ -43,7 +45,15 @@ pub struct Inner {
     pub relay: Arc<crate::relay::Relay>,
     /// The supervised background tasks, for `/readyz`.
     pub tasks: crate::supervise::Tasks,
+    /// True once this process's migrations are applied (from the start when
+    /// it does not apply them): until then a write is held, not failed.
+    pub schema_ready: tokio::sync::watch::Receiver<bool>,
 }
+
+/// How long a write waits for the migrations on a fresh database before it
+/// answers 503: well under the 15 s Twilio waits for an answer, and Twilio
+/// does not retry a 503 unless told to, so a short hold beats a quick refusal.
+const SCHEMA_WAIT: Duration = Duration::from_secs(10);
 
 impl std::ops::Deref for AppState {
     type Target = Inner;
@@ -82,6 +92,25 @@ impl AppState {
         out
     }
 
+    /// Returns once the schema is there (at once, but for the first moments
+    /// of a process on a fresh database), or 503 after `SCHEMA_WAIT`.
+    pub async fn schema_ready(&self) -> Result<(), error::ApiError> {
+        let mut ready = self.schema_ready.clone();
+        if *ready.borrow() {
+            return Ok(());
+        }
+        tracing::info!("holding a request until the migrations are applied");
+        // Counted so an operator (and a test) can see requests were held, not lost.
+        ::metrics::counter!("optout_requests_held_for_schema_total").increment(1);
+        let waited = tokio::time::timeout(SCHEMA_WAIT, ready.wait_for(|r| *r)).await.map(|r| r.is_ok());
+        match waited {
+            Ok(true) => Ok(()),
+            _ => Err(error::ApiError::Unavailable(crate::store::StoreError::Unavailable(
+                "the database schema is not there yet (migrations pending)".into(),
+            ))),
+        }
+    }
+
     pub fn wake_relay(&self) {
         self.relay.wake_all();
     }
@@ -95,15 +124,18 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState, max_body_bytes: usize, admin_tokens: Vec<secrecy::SecretString>) -> Router {
+pub use body::BodyRules;
+
+pub fn router(state: AppState, body: BodyRules, admin_tokens: Vec<secrecy::SecretString>) -> Router {
+    let mask_phones = state.mask_phones;
     let trace = TraceLayer::new_for_http()
-        .make_span_with(|req: &Request<_>| {
+        .make_span_with(move |req: &Request<_>| {
             let id = req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
             tracing::info_span!(
                 "request",
                 request_id = %id,
                 method = %req.method(),
-                path = %req.uri().path(),
+                path = %if mask_phones { mask_phones_in(req.uri().path()) } else { req.uri().path().to_owned() },
                 outcome = tracing::field::Empty,
                 kind = tracing::field::Empty,
                 phone = tracing::field::Empty,
@@ -125,10 +157,55 @@ pub fn router(state: AppState, max_body_bytes: usize, admin_tokens: Vec<secrecy:
         routes = routes.merge(admin::router(admin_tokens));
     }
     routes
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .fallback(no_such_path)
+        .layer(DefaultBodyLimit::max(body.max_bytes))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(body, body::read_whole_body))
         .layer(CatchPanicLayer::new())
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(trace)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+async fn no_such_path() -> error::ApiError {
+    error::ApiError::NotFound("no such path".to_owned())
+}
+
+/// `https://optout.example.org/twilio/messages, http://…`: each URL a
+/// signature was checked over, reduced to scheme, host, port and path, for the
+/// 403 log line. Userinfo (a URL may carry basic-auth credentials for
+/// Twilio), query and fragment are left out.
+pub fn url_origins_and_paths(urls: &[String]) -> String {
+    let mut shown: Vec<String> = Vec::new();
+    for url in urls {
+        let without_fragment = url.split('#').next().unwrap_or_default();
+        let one = match without_fragment.parse::<axum::http::Uri>() {
+            Ok(uri) => {
+                let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+                format!("{}://{}{port}{}", uri.scheme_str().unwrap_or("?"), uri.host().unwrap_or("?"), uri.path())
+            }
+            Err(_) => "(a URL that does not parse)".to_owned(),
+        };
+        if !shown.contains(&one) {
+            shown.push(one);
+        }
+    }
+    shown.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_origins_and_paths;
+
+    #[test]
+    fn urls_in_the_403_line_keep_scheme_host_port_and_path_only() {
+        let urls = [
+            "https://user:secret@optout.example.org/twilio/messages?x=1#rc=3".to_owned(),
+            "https://user:secret@optout.example.org/twilio/messages?x=1".to_owned(),
+            "http://10.0.0.5:8080/prefix/twilio/messages".to_owned(),
+        ];
+        let shown = url_origins_and_paths(&urls);
+        assert_eq!(shown, "https://optout.example.org/twilio/messages, http://10.0.0.5:8080/prefix/twilio/messages");
+        assert!(!shown.contains("secret"));
+    }
 }

@@ -71,7 +71,7 @@ async fn handle(
         _ => ApiError::BadRequest("unreadable body".into()),
     })?;
     if !is_form(headers) {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType("application/x-www-form-urlencoded"));
     }
     let pairs = decode_form(&body);
 
@@ -79,12 +79,14 @@ async fn handle(
         let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
         let urls = app.signed_urls(path_and_query, headers);
         let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        app.verifier.verify(
-            &urls,
-            header_str("x-twilio-signature"),
-            header_str("x-twilio-webhooks-signature-settings"),
-            SignedBody::Form(&pairs),
-        )?;
+        app.verifier
+            .verify(
+                &urls,
+                header_str("x-twilio-signature"),
+                header_str("x-twilio-webhooks-signature-settings"),
+                SignedBody::Form(&pairs),
+            )
+            .map_err(|e| ApiError::Forbidden(e, super::url_origins_and_paths(&urls)))?;
     }
 
     let msg = parse_inbound(&pairs, app.region)?;
@@ -110,6 +112,7 @@ async fn handle(
         received_at: Utc::now(),
         source: "twilio".to_owned(),
     };
+    app.schema_ready().await?;
     match app.writer.record(event).await? {
         RecordOutcome::Recorded(_) => {
             metrics::event(kind.as_str());

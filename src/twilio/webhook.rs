@@ -3,7 +3,7 @@
 use phonenumber::country;
 use serde_json::{Map, Value};
 
-use crate::domain::{MessageSid, Phone};
+use crate::domain::{storable, MessageSid, Phone};
 
 /// A signed inbound message, valid by construction.
 #[derive(Debug, Clone)]
@@ -42,6 +42,9 @@ pub fn decode_form(body: &[u8]) -> Vec<(String, String)> {
 }
 
 pub fn parse_inbound(pairs: &[(String, String)], region: country::Id) -> Result<Inbound, WebhookError> {
+    // Past the signature, every name and value is text the store must hold.
+    let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| (storable(k.clone()), storable(v.clone()))).collect();
+    let pairs = pairs.as_slice();
     let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let non_empty = |name: &str| get(name).map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
 
@@ -92,6 +95,15 @@ mod tests {
         assert_eq!(m.scope(), "MG1");
         assert_eq!(m.opt_out_type.as_deref(), Some("STOP"));
         assert_eq!(m.params["X"], serde_json::json!(["a", "b"]));
+    }
+
+    #[test]
+    fn a_nul_anywhere_is_replaced_before_it_reaches_the_store() {
+        let pairs = decode_form(b"MessageSid=SM1&From=%2B14155550101&Body=STOP%00&X%00Y=a%00b&OptOutType=STOP");
+        let m = parse_inbound(&pairs, country::Id::US).unwrap();
+        assert_eq!(m.body, "STOP\u{FFFD}");
+        assert_eq!(m.params["X\u{FFFD}Y"], "a\u{FFFD}b");
+        assert!(!m.params.to_string().contains("\\u0000"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod binary;
 mod config;
 mod converge;
 mod email_sink;
+mod hostile;
 mod ingest;
 mod redcap_sink;
 mod relay;

@@ -228,7 +228,8 @@ async fn blank_phone_fields_are_never_stamped_whatever_the_number() {
             .with_record("4", None, &[("mobile", "n/a")]),
     )
     .await;
-    let short_code = Phone::parse("12345", country::Id::US).unwrap();
+    // Short codes are refused at the edge now; one recorded before that is still never matched.
+    let short_code = Phone::from_stored("+12345".to_owned());
     let items = [opt_out(short_code.as_str()), opt_out("+442079460958"), opt_out(""), opt_out("+12345")];
     let out = sink(&fake, |_| {}).converge(&items, None).await.unwrap();
     assert!(out.iter().all(|r| r["records"] == json!([])), "{out:?}");
