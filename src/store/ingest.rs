@@ -26,6 +26,14 @@ impl Store {
     /// Records events, their state change and a change for the relay to fan
     /// out, all in one transaction. Idempotent per MessageSid.
     pub async fn record_events(&self, events: &[NewEvent]) -> Result<Vec<RecordOutcome>, StoreError> {
+        // A NUL in any text would fail the commit on every retry (PostgreSQL).
+        let cleaned: Vec<NewEvent>;
+        let events = if events.iter().any(|e| e.storable().is_some()) {
+            cleaned = events.iter().map(|e| e.storable().unwrap_or_else(|| e.clone())).collect();
+            &cleaned[..]
+        } else {
+            events
+        };
         let (unique, rep) = dedupe(events);
         let inserted = match &self.pool {
             Pool::Postgres(pool) => record_in_one_statement(pool, events, &unique).await?,

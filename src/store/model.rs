@@ -26,6 +26,55 @@ pub struct NewEvent {
     pub source: String,
 }
 
+impl NewEvent {
+    /// The event as the store can hold it: every U+0000 (which PostgreSQL's
+    /// text and jsonb refuse, so the event could never commit) replaced by
+    /// U+FFFD, in the text fields and anywhere in `params`. The HTTP edge
+    /// does this already; this covers every other way in (CLI, imports).
+    pub(super) fn storable(&self) -> Option<NewEvent> {
+        let texts = [&self.scope, &self.from_raw, &self.body, &self.source];
+        let optional = [&self.account_sid, &self.messaging_service_sid, &self.to];
+        let nul = texts.iter().any(|t| t.contains('\0'))
+            || optional.iter().any(|t| t.as_deref().is_some_and(|t| t.contains('\0')))
+            || has_nul(&self.params);
+        if !nul {
+            return None;
+        }
+        let clean = |s: &String| crate::domain::storable(s.clone());
+        Some(NewEvent {
+            account_sid: self.account_sid.as_ref().map(clean),
+            messaging_service_sid: self.messaging_service_sid.as_ref().map(clean),
+            scope: clean(&self.scope),
+            from_raw: clean(&self.from_raw),
+            to: self.to.as_ref().map(clean),
+            body: clean(&self.body),
+            params: storable_json(&self.params),
+            source: clean(&self.source),
+            ..self.clone()
+        })
+    }
+}
+
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+fn storable_json(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(crate::domain::storable(s.clone())),
+        Value::Array(items) => Value::Array(items.iter().map(storable_json).collect()),
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (crate::domain::storable(k.clone()), storable_json(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
 /// What recording one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordOutcome {

@@ -926,6 +926,26 @@ async fn a_bad_stored_time_or_json_is_an_error_naming_the_row_not_1970() {
     db.stop().await;
 }
 
+/// A NUL byte, which PostgreSQL's text and jsonb refuse, in an event from
+/// any way in (not only the HTTP edge: the CLI, imports) is stored as U+FFFD
+/// instead of failing the commit on every retry.
+async fn an_event_with_a_nul_byte_is_recorded_with_a_replacement_character(b: Backend) {
+    let db = fresh_store(b).await;
+    let mut e = event("SMnul1", "+14155550710", EventKind::OptOut);
+    e.body = "STOP\0please".into();
+    e.source = "staff:\0x".into();
+    e.params = json!({"Body": "STOP\0", "we\0ird": ["a\0", 1]});
+    let outcome = db.store.record_events(&[e]).await.expect("recorded, not refused");
+    let id = match outcome[0] {
+        optout_relay::store::RecordOutcome::Recorded(id) => id,
+        other => panic!("{other:?}"),
+    };
+    let row = db.store.event(id).await.expect("read").expect("the event");
+    assert_eq!(row.body, "STOP\u{FFFD}please");
+    assert_eq!(row.source, "staff:\u{FFFD}x");
+    db.stop().await;
+}
+
 // ------------------------------------------------------------------ fan-out
 
 /// Ingest writes one change whatever the number of sinks; the fan-out gives
@@ -997,6 +1017,7 @@ async fn concurrent_fan_outs_lose_and_repeat_nothing(b: Backend) {
 }
 
 both_backends!(
+    an_event_with_a_nul_byte_is_recorded_with_a_replacement_character,
     the_fan_out_gives_each_sink_the_changes_recorded_since_it_was_registered,
     concurrent_fan_outs_lose_and_repeat_nothing,
     schema_refuses_rows_that_break_the_queue_invariants,
