@@ -277,7 +277,7 @@ struct Shape {
 }
 
 fn follows() -> Vec<SinkFollow> {
-    SINKS.iter().map(|s| SinkFollow { sink: (*s).to_owned(), scopes: None }).collect()
+    SINKS.iter().map(|s| SinkFollow { sink: (*s).to_owned(), scopes: None, since_registered: false }).collect()
 }
 
 /// The shaping statements, the same SQL on both backends (the bounds are

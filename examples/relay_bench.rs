@@ -489,7 +489,7 @@ async fn seeded(db: &Db, phones: &[String]) -> anyhow::Result<Store> {
             })
             .collect::<anyhow::Result<_>>()?;
         store.record_events(&events).await?;
-        store.fan_out(&[SinkFollow { sink: "redcap".into(), scopes: None }], u32::MAX).await?;
+        store.fan_out(&[SinkFollow { sink: "redcap".into(), scopes: None, since_registered: false }], u32::MAX).await?;
     }
     Ok(store)
 }

@@ -45,7 +45,15 @@ pub struct Relay {
 
 /// Which sinks an event concerns, as ingest needs it.
 pub fn follows(sinks: &[Arc<Sink>]) -> Vec<SinkFollow> {
-    sinks.iter().map(|s| SinkFollow { sink: s.name.clone(), scopes: s.scopes.clone() }).collect()
+    sinks
+        .iter()
+        .map(|s| SinkFollow {
+            sink: s.name.clone(),
+            scopes: s.scopes.clone(),
+            // Startup backfills every sink but a notification one.
+            since_registered: matches!(s.kind, SinkKind::Email { .. }),
+        })
+        .collect()
 }
 
 impl Relay {

@@ -37,10 +37,10 @@ const UPSERT: &str = "ON CONFLICT (phone, sink) DO UPDATE
 impl Store {
     /// Fans out up to `limit` of the oldest changes to `sinks`; returns how
     /// many changes were taken (fewer than `limit`: none are left for now).
-    /// A sink gets the changes recorded since it was registered: changes of a
-    /// scope no sink follows are taken and dropped, and what came before a
-    /// sink existed reaches it from the state (`Store::backfill`) or, for a
-    /// notification, not at all.
+    /// Changes of a scope no sink follows are taken and dropped (a sink
+    /// configured later is filled from the state, `Store::backfill`); a
+    /// sink marked `since_registered` gets only what was recorded after it
+    /// was registered.
     pub async fn fan_out(&self, sinks: &[SinkFollow], limit: u32) -> Result<u64, StoreError> {
         match &self.pool {
             Pool::Postgres(pool) => fan_out_pg(pool, sinks, limit).await,
@@ -59,13 +59,20 @@ impl Store {
 /// One statement: take the changes, upsert their sinks' rows.
 async fn fan_out_pg(pool: &PgPool, sinks: &[SinkFollow], limit: u32) -> Result<u64, StoreError> {
     // (sink, scope) pairs; a NULL scope: the sink follows every scope.
-    let (follow_sinks, follow_scopes): (Vec<&str>, Vec<Option<&str>>) = sinks
-        .iter()
-        .flat_map(|f| match &f.scopes {
-            None => vec![(f.sink.as_str(), None)],
-            Some(scopes) => scopes.iter().map(|s| (f.sink.as_str(), Some(s.as_str()))).collect(),
-        })
-        .unzip();
+    let mut follow_sinks: Vec<&str> = Vec::new();
+    let mut follow_scopes: Vec<Option<&str>> = Vec::new();
+    let mut follow_recent: Vec<bool> = Vec::new();
+    for f in sinks {
+        let scopes: Vec<Option<&str>> = match &f.scopes {
+            None => vec![None],
+            Some(scopes) => scopes.iter().map(|s| Some(s.as_str())).collect(),
+        };
+        for scope in scopes {
+            follow_sinks.push(&f.sink);
+            follow_scopes.push(scope);
+            follow_recent.push(f.since_registered);
+        }
+    }
     let taken: i64 = sqlx::query_scalar(&format!(
         "WITH taken AS (
              DELETE FROM changes
@@ -75,10 +82,10 @@ async fn fan_out_pg(pool: &PgPool, sinks: &[SinkFollow], limit: u32) -> Result<u
              -- One row per (sink, phone): ON CONFLICT may not touch a row twice.
              SELECT f.sink, t.phone, MAX(t.event_id) AS event_id
                FROM taken t
-               JOIN UNNEST($2::text[], $3::text[]) AS f(sink, scope)
+               JOIN UNNEST($2::text[], $3::text[], $6::bool[]) AS f(sink, scope, since_registered)
                  ON f.scope IS NULL OR f.scope = t.scope OR t.scope = $4
                LEFT JOIN sinks s ON s.name = f.sink
-              WHERE s.created_at IS NULL OR t.recorded_at >= s.created_at
+              WHERE NOT f.since_registered OR s.created_at IS NULL OR t.recorded_at >= s.created_at
               GROUP BY f.sink, t.phone
          ), queued AS (
              INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
@@ -93,6 +100,7 @@ async fn fan_out_pg(pool: &PgPool, sinks: &[SinkFollow], limit: u32) -> Result<u
     .bind(follow_scopes)
     .bind(ORGANISATION_SCOPE)
     .bind(Ts(Utc::now()))
+    .bind(follow_recent)
     .fetch_one(pool)
     .await?;
     Ok(u64::try_from(taken).unwrap_or(0))
@@ -118,7 +126,8 @@ async fn fan_out_sqlite(pool: &SqlitePool, sinks: &[SinkFollow], limit: u32) -> 
          VALUES ($1, $2, 'pending', $3, $4, $4, $4, $4) {UPSERT}"
     );
     for (_, scope, phone, event_id, recorded_at) in &taken {
-        let since_registered = |f: &&SinkFollow| registered.get(&f.sink).is_none_or(|at| recorded_at >= at);
+        let since_registered =
+            |f: &&SinkFollow| !f.since_registered || registered.get(&f.sink).is_none_or(|at| recorded_at >= at);
         for f in sinks.iter().filter(|f| follows(f, scope)).filter(since_registered) {
             sqlx::query(&sql).bind(&f.sink).bind(phone).bind(event_id).bind(now).execute(&mut *tx).await?;
         }

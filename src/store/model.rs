@@ -90,6 +90,11 @@ pub enum RecordOutcome {
 pub struct SinkFollow {
     pub sink: String,
     pub scopes: Option<Vec<String>>,
+    /// Gets only the changes recorded since the sink was registered: a
+    /// notification sink, for which the past is not news. Otherwise every
+    /// change is fanned out to it, also one recorded while it was being
+    /// registered and backfilled, so none can slip between the two.
+    pub since_registered: bool,
 }
 
 /// What a sink holds, or should hold, for one phone, as the store keeps it.

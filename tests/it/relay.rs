@@ -72,7 +72,7 @@ fn mail_to(smtp: &FakeSmtp) -> EmailConfig {
 }
 
 fn follow(sink: &str) -> SinkFollow {
-    SinkFollow { sink: sink.into(), scopes: None }
+    SinkFollow { sink: sink.into(), scopes: None, since_registered: false }
 }
 
 async fn pending(store: &Store) -> usize {

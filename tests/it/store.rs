@@ -116,7 +116,11 @@ fn redcap() -> Vec<SinkFollow> {
 }
 
 fn follow(sink: &str, scopes: Option<&[&str]>) -> SinkFollow {
-    SinkFollow { sink: sink.to_owned(), scopes: scopes.map(|s| s.iter().map(|x| (*x).to_owned()).collect()) }
+    SinkFollow {
+        sink: sink.to_owned(),
+        scopes: scopes.map(|s| s.iter().map(|x| (*x).to_owned()).collect()),
+        since_registered: false,
+    }
 }
 
 fn event(sid: &str, p: &str, kind: EventKind) -> NewEvent {
@@ -949,22 +953,26 @@ async fn an_event_with_a_nul_byte_is_recorded_with_a_replacement_character(b: Ba
 // ------------------------------------------------------------------ fan-out
 
 /// Ingest writes one change whatever the number of sinks; the fan-out gives
-/// it to every sink registered before it was recorded (a sink registered
-/// later gets the past from its backfill, or not at all), and takes it once.
+/// it to every sink that follows it, once. A notification sink registered
+/// after the change does not get it (the past is not news); any other sink
+/// does, so a change recorded while a sink is registered and backfilled
+/// cannot slip between the two.
 async fn the_fan_out_gives_each_sink_the_changes_recorded_since_it_was_registered(b: Backend) {
     let db = fresh_store(b).await;
-    let (a, later) = (follow("study_a", None), follow("later", None));
+    let a = follow("study_a", None);
+    let later = SinkFollow { since_registered: true, ..follow("later", None) };
+    let backfilled = follow("backfilled", None);
     db.store.register_sinks(std::slice::from_ref(&a)).await.expect("register");
     db.store.record_events(&[event("SMfo1", "+14155550701", EventKind::OptOut)]).await.expect("record");
     assert_eq!(db.store.changes_waiting().await.expect("count"), 1, "one change, not one row per sink");
     assert!(db.sinks_of("+14155550701").await.is_empty(), "nothing fanned out yet");
-    db.store.register_sinks(std::slice::from_ref(&later)).await.expect("register");
-    let sinks = [a, later];
+    db.store.register_sinks(&[later.clone(), backfilled.clone()]).await.expect("register");
+    let sinks = [a, later, backfilled];
     assert_eq!(db.store.fan_out(&sinks, 100).await.expect("fan out"), 1);
-    assert_eq!(db.sinks_of("+14155550701").await, ["study_a"], "recorded before `later` existed");
+    assert_eq!(db.sinks_of("+14155550701").await, ["backfilled", "study_a"], "recorded before `later` existed");
     db.store.record_events(&[event("SMfo2", "+14155550702", EventKind::OptOut)]).await.expect("record");
     db.store.fan_out(&sinks, 100).await.expect("fan out");
-    assert_eq!(db.sinks_of("+14155550702").await, ["later", "study_a"]);
+    assert_eq!(db.sinks_of("+14155550702").await, ["backfilled", "later", "study_a"]);
     assert_eq!(db.store.changes_waiting().await.expect("count"), 0);
     assert_eq!(db.store.fan_out(&sinks, 100).await.expect("fan out"), 0, "each change is taken once");
     let row = db.row("study_a", "+14155550701").await.expect("row");
