@@ -69,6 +69,29 @@ enum Command {
     OptOut(StaffArgs),
     /// Record an opt-in received another way; it is relayed like a START.
     OptIn(StaffArgs),
+    /// Post a webhook signed as Twilio signs it (the first of twilio.auth_tokens, over
+    /// server.public_url + /twilio/messages) to the running service and print its answer.
+    ///
+    /// A 200 through the public URL proves that the proxy, server.public_url and the
+    /// token agree; a 403 means Twilio's webhooks would be refused too. The event is
+    /// real: STOP records an opt-out of PHONE that is relayed to every sink (send START
+    /// to take it back).
+    SendTest {
+        /// STOP, START or HELP, reported as Advanced Opt-Out reports it (OptOutType).
+        keyword: ops::TestKeyword,
+        /// The number the message comes from, in any format.
+        phone: String,
+        /// Sign for and post to this URL instead, e.g. http://127.0.0.1:8080/twilio/messages
+        /// (the service accepts it only if it is the URL its public_url names).
+        #[arg(long)]
+        url: Option<String>,
+        /// The number texted (the event's scope when no Messaging Service is named).
+        #[arg(long, default_value = ops::TEST_TO)]
+        to: String,
+        /// The Messaging Service SID (MG…) the message came through.
+        #[arg(long)]
+        messaging_service_sid: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -116,6 +139,9 @@ fn main() -> ExitCode {
             Command::Resync { sink } => resync(config, &sink).await,
             Command::OptOut(args) => staff(config, args, EventKind::OptOut).await,
             Command::OptIn(args) => staff(config, args, EventKind::OptIn).await,
+            Command::SendTest { keyword, phone, url, to, messaging_service_sid } => {
+                send_test(config, keyword, &phone, url.as_deref(), &to, messaging_service_sid.as_deref()).await
+            }
         }
     });
     match result {
@@ -287,6 +313,69 @@ async fn staff(config: Config, args: StaffArgs, kind: EventKind) -> anyhow::Resu
     store.close().await;
     println!("recorded {} as event {id}; a running `serve` relays it", kind.as_str());
     Ok(ExitCode::SUCCESS)
+}
+
+async fn send_test(
+    config: Config,
+    keyword: ops::TestKeyword,
+    phone: &str,
+    url: Option<&str>,
+    to: &str,
+    messaging_service_sid: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let phone = phone_arg(&config, phone)?;
+    let Some(token) = config.twilio.auth_tokens.first() else {
+        anyhow::bail!("no Twilio Auth Token to sign with: set OPTOUT_RELAY__TWILIO__AUTH_TOKENS (twilio.auth_tokens)");
+    };
+    let url = ops::webhook_url(&config, url);
+    let form = ops::test_webhook(keyword, &phone, to, messaging_service_sid);
+    let signature = optout_relay::twilio::signature::compute(token.expose_secret(), &url, &form);
+    let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(&form).finish();
+    let sid = form.iter().find(|(k, _)| k == "MessageSid").map_or("", |(_, v)| v.as_str());
+    println!("POST {url}");
+    println!(
+        "  {} from {} to {to}, MessageSid {sid}, signed with the first of twilio.auth_tokens",
+        keyword.as_str(),
+        phone
+    );
+    // Twilio waits 15 s for an answer; so does this.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+    let res = client
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    let res = match res {
+        Ok(res) => res,
+        Err(e) => {
+            println!("no answer: {e:#}");
+            println!("Is `optout-relay serve` running, and does {url} reach it?");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let status = res.status();
+    let text = res.text().await.unwrap_or_default();
+    println!("{status}");
+    if !text.is_empty() {
+        println!("{text}");
+    }
+    let hint = match status.as_u16() {
+        200 if keyword == ops::TestKeyword::Help => "recorded (HELP changes nothing downstream)".to_owned(),
+        200 => format!("recorded: `optout-relay status {}` shows it and what each sink should hold", phone.as_str()),
+        403 => "refused as Twilio's own webhooks would be: the service checks the signature against \
+                its server.public_url (and alternate_public_urls) + the path it received. Check that \
+                public_url is exactly the URL Twilio calls (scheme, host, port, path prefix), that the \
+                proxy keeps the path and query, and that both sides use the same Auth Token; the \
+                service's log names the URLs it tried"
+            .to_owned(),
+        404 => "nothing answers this path: is the proxy forwarding /twilio/messages to the service?".to_owned(),
+        503 => "the service could not store the event (database unavailable?): see its log and /readyz".to_owned(),
+        _ => "unexpected answer: see the service's log".to_owned(),
+    };
+    println!("{hint}");
+    Ok(if status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn healthcheck(config: Config) -> anyhow::Result<ExitCode> {

@@ -462,3 +462,72 @@ fn check_config_asks_redcap_about_a_named_sink() {
     assert!(!out.status.success(), "a refused token fails the check");
     drop(rt);
 }
+
+/// `send-test` signs as Twilio does for the configured public URL and posts
+/// to the running service: 200 and a real event on the right configuration,
+/// 403 and a hint naming public_url on the wrong one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_posts_a_signed_webhook_and_prints_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let public = format!("http://127.0.0.1:{port}");
+    let with_public = |c: &mut Command| {
+        c.env("OPTOUT_RELAY__SERVER__PUBLIC_URL", &public);
+    };
+    let mut serve = command(dir.path(), port);
+    with_public(&mut serve);
+    let child = Mutex::new(serve.arg("serve").stderr(Stdio::piped()).spawn().unwrap());
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+
+    let run = |args: &[&str], tweak: &dyn Fn(&mut Command)| {
+        let mut c = command(dir.path(), port);
+        with_public(&mut c);
+        tweak(&mut c);
+        c.args(args).output().unwrap()
+    };
+    let out = run(&["send-test", "STOP", "(415) 555-0123"], &|_| {});
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("POST {public}/twilio/messages")), "{text}");
+    assert!(text.contains("200 OK") && text.contains("<Response></Response>"), "{text}");
+    assert!(text.contains("optout-relay status +14155550123"), "{text}");
+    let status = stdout_json(&run(&["status", "+14155550123"], &|_| {}));
+    assert_eq!(status["opted_out"], true, "{status}");
+    assert_eq!(status["events"][0]["source"], "twilio");
+    assert_eq!(status["events"][0]["scope"], "+15005550006");
+
+    // START through --url, naming a Messaging Service: the opt-out is taken back in that scope.
+    let url = format!("{public}/twilio/messages");
+    let out = run(&["send-test", "START", "+14155550123", "--url", &url, "--messaging-service-sid", "MGtest"], &|_| {});
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let status = stdout_json(&run(&["status", "+14155550123"], &|_| {}));
+    assert_eq!(status["events"][0]["kind"], "opt_in", "{status}");
+    assert_eq!(status["events"][0]["scope"], "MGtest", "{status}");
+
+    // A token the service does not have: refused as Twilio's would be, with the likely causes.
+    let out = run(&["send-test", "STOP", "+14155550124"], &|c| {
+        c.env("OPTOUT_RELAY__TWILIO__AUTH_TOKENS", "not-the-token");
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("403 Forbidden") && text.contains("server.public_url"), "{text}");
+    // The URL the client signs for is not the one the service knows (another host name, say).
+    let other = format!("http://localhost:{port}/twilio/messages");
+    let out = run(&["send-test", "STOP", "+14155550124", "--url", &other], &|_| {});
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("403"));
+    // No token at all: a plain message, not a request.
+    let out = run(&["send-test", "HELP", "+14155550124"], &|c| {
+        c.env_remove("OPTOUT_RELAY__TWILIO__AUTH_TOKENS");
+    });
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OPTOUT_RELAY__TWILIO__AUTH_TOKENS"));
+    let refused = stdout_json(&run(&["status", "+14155550124"], &|_| {}));
+    assert_eq!(refused["events"].as_array().map(Vec::len), Some(0), "{refused}");
+    assert!(terminate(&child).await.success());
+
+    // Nothing listening: said so, non-zero.
+    let out = run(&["send-test", "STOP", "+14155550125"], &|_| {});
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Is `optout-relay serve` running"));
+}
