@@ -111,27 +111,38 @@ struct StaffArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    let loaded = Config::load_all(cli.config.as_deref());
+    if let Command::CheckConfig = cli.command {
+        // check-config reports a configuration that does not read too, with everything else it finds.
+        let format = loaded.as_ref().map_or_else(|u| u.mended.as_ref().map(|c| c.log.format), |c| Some(c.log.format));
+        optout_relay::telemetry::init(format.unwrap_or_default());
+        optout_relay::install_tls_provider();
+        return match runtime() {
+            Ok(rt) => rt.block_on(check_config(loaded)),
+            Err(code) => code,
+        };
+    }
+    let config = match loaded {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("configuration error:\n{e}");
+        Err(unreadable) => {
+            eprintln!("configuration error (`optout-relay check-config` lists every problem):");
+            for problem in &unreadable.problems {
+                eprintln!("  - {problem}");
+            }
             return ExitCode::from(2);
         }
     };
     optout_relay::telemetry::init(config.log.format);
     optout_relay::install_tls_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
-            Command::CheckConfig => check_config(config).await,
+            Command::CheckConfig => unreachable!("handled above"),
             Command::Replay { dead, sink } => replay(config, dead, sink).await,
             Command::Healthcheck => healthcheck(config).await,
             Command::Status { phone } => status(config, phone.as_deref()).await,
@@ -147,10 +158,18 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "failed");
+            // A message for the person at the terminal, not a log line.
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
@@ -169,57 +188,150 @@ async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn check_config(config: Config) -> anyhow::Result<ExitCode> {
-    let mut problems = config.problems();
-    let mut lines = Vec::new();
-    // Only a config that is valid by itself is worth testing against REDCap.
-    if problems.is_empty() {
-        if let Some(region) = config.keywords.region() {
-            for (name, cfg) in config.sinks() {
-                let SinkConfig::Redcap(cfg) = cfg else { continue };
-                match RedcapSink::new(&cfg, region) {
-                    Ok(sink) => {
-                        for mut line in sink.named(&name).check().await {
-                            line.message = format!("{name}: {}", line.message);
-                            if !line.ok {
-                                problems.push(line.message.clone());
-                            }
-                            lines.push(line);
-                        }
-                    }
-                    Err(e) => problems.push(format!("{name}: {e}")),
-                }
+/// What check-config found, printed once each: `ok` lines and `FAIL` lines.
+#[derive(Default)]
+struct Findings {
+    lines: Vec<(&'static str, String)>,
+}
+
+impl Findings {
+    fn ok(&mut self, message: String) {
+        self.lines.push(("ok  ", message));
+    }
+    fn fail(&mut self, message: String) {
+        self.lines.push(("FAIL", message));
+    }
+    fn skip(&mut self, message: String) {
+        self.lines.push(("skip", message));
+    }
+    fn failures(&self) -> usize {
+        self.lines.iter().filter(|(tag, _)| *tag == "FAIL").count()
+    }
+}
+
+/// Every problem in one run: the file and environment as read (every
+/// unknown key, every missing value), the configuration's own checks, what
+/// the service needs to work for Twilio (a credential, a real public URL),
+/// the database, and each REDCap project. Exit 0 only when nothing failed.
+async fn check_config(loaded: Result<Config, optout_relay::config::Unreadable>) -> ExitCode {
+    let mut found = Findings::default();
+    let (config, mended_keys) = match loaded {
+        Ok(config) => (Some(config), Vec::new()),
+        Err(u) => {
+            for p in u.problems {
+                found.fail(p);
             }
+            (u.mended.map(|c| *c), u.keys)
+        }
+    };
+    let readable = mended_keys.is_empty() && found.failures() == 0;
+    let Some(config) = config else { return report(&found, None).await };
+    // A key already reported as unreadable is not reported again as empty.
+    let fresh = |p: &String| !mended_keys.iter().any(|k| p.starts_with(k.as_str()));
+    let problems = config.problems();
+    let valid = problems.is_empty();
+    for p in problems.into_iter().chain(config.first_run_problems()).filter(fresh) {
+        found.fail(p);
+    }
+    if readable {
+        check_database(&config, &mut found).await;
+        // Only a configuration valid by itself is worth testing against REDCap.
+        if valid {
+            check_redcap(&config, &mut found).await;
+        }
+    } else {
+        found.skip("database and REDCap not checked: fix the problems above first".to_owned());
+    }
+    report(&found, Some(&config)).await
+}
+
+async fn report(found: &Findings, config: Option<&Config>) -> ExitCode {
+    for (tag, message) in &found.lines {
+        println!("{tag} {message}");
+    }
+    match (found.failures(), config) {
+        (0, Some(config)) => {
+            release_sinks(config).await;
+            println!("configuration OK");
+            ExitCode::SUCCESS
+        }
+        (n, _) => {
+            println!("{n} problem(s)");
+            ExitCode::from(1)
         }
     }
-    for line in &lines {
-        println!("{} {}", if line.ok { "ok  " } else { "FAIL" }, line.message);
+}
+
+/// Reachable, and with this version's schema or one `serve` will migrate to.
+/// A SQLite file that does not exist yet is fine where `serve` can create it.
+async fn check_database(config: &Config, found: &mut Findings) {
+    let db = &config.database;
+    match optout_relay::store::sqlite_file(db) {
+        Err(e) => return found.fail(format!("database: {e}")),
+        Ok(Some(path)) if !path.exists() => {
+            let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+            let dir = shown.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            return if dir.is_dir() {
+                found.ok(format!("database: SQLite file {} does not exist yet; serve creates it", shown.display()))
+            } else {
+                found.fail(format!(
+                    "database: the directory of the SQLite file {} does not exist (database.url, OPTOUT_RELAY__DATABASE__URL)",
+                    shown.display()
+                ))
+            };
+        }
+        Ok(_) => {}
     }
-    if problems.is_empty() {
-        release_sinks(&config).await;
-        println!("configuration OK");
-        return Ok(ExitCode::SUCCESS);
+    let store = match Store::connect_lazy(db) {
+        Ok(store) => store,
+        Err(e) => return found.fail(format!("database: {e}")),
+    };
+    match store.ping().await {
+        Err(e) => found.fail(format!(
+            "database ({}): {e}; check database.url (OPTOUT_RELAY__DATABASE__URL or DATABASE_URL)",
+            store.backend()
+        )),
+        Ok(()) if store.readiness().await.migrations => {
+            found.ok(format!("database ({}): reachable, schema up to date", store.backend()))
+        }
+        Ok(()) if db.run_migrations_on_start => {
+            found.ok(format!("database ({}): reachable; serve applies the migrations at start", store.backend()))
+        }
+        Ok(()) => found.fail(format!(
+            "database ({}): reachable but not migrated and database.run_migrations_on_start is false: \
+             run optout-relay migrate",
+            store.backend()
+        )),
     }
-    println!("{} problem(s):", problems.len());
-    for p in &problems {
-        println!("  - {p}");
+    store.close().await;
+}
+
+/// Asks every REDCap project: token, fields, events, the field's validation.
+async fn check_redcap(config: &Config, found: &mut Findings) {
+    let Some(region) = config.keywords.region() else { return };
+    for (name, cfg) in config.sinks() {
+        let SinkConfig::Redcap(cfg) = cfg else { continue };
+        match RedcapSink::new(&cfg, region) {
+            Ok(sink) => {
+                for line in sink.named(&name).check().await {
+                    let message = format!("{name}: {}", line.message);
+                    if line.ok {
+                        found.ok(message);
+                    } else {
+                        found.fail(message);
+                    }
+                }
+            }
+            Err(e) => found.fail(format!("{name}: {e}")),
+        }
     }
-    Ok(ExitCode::from(1))
 }
 
 /// A configuration that passes its checks (a token fixed, say) makes every
 /// sink due at once for a running `serve`, instead of waiting out a backoff.
-/// Best effort: `check-config` also runs where no database is reachable.
+/// Best effort, and only in a database that exists.
 async fn release_sinks(config: &Config) {
-    // Never create an SQLite file just to say nothing is waiting in it.
-    let url = config.database.url.expose_secret();
-    if let Some(rest) = url.strip_prefix("sqlite:") {
-        let path = rest.trim_start_matches("//").split('?').next().unwrap_or_default();
-        if path.is_empty() || path == ":memory:" || !std::path::Path::new(path).exists() {
-            return;
-        }
-    }
-    let Ok(store) = Store::connect_lazy(&config.database) else { return };
+    let Ok(store) = Store::open_existing(&config.database).await else { return };
     for (name, _) in config.sinks() {
         if let Ok(true) = store.release_sink(&name).await {
             println!("ok   {name}: due now for a running serve");
@@ -233,7 +345,7 @@ async fn replay(config: Config, dead: bool, sink: Option<String>) -> anyhow::Res
         eprintln!("nothing to do: pass --dead to re-queue dead-lettered deliveries");
         return Ok(ExitCode::from(2));
     }
-    let store = Store::connect_lazy(&config.database)?;
+    let store = Store::open_existing(&config.database).await?;
     let n = store.replay_dead(sink.as_deref()).await?;
     store.close().await;
     println!("re-queued {n} dead deliveries");
@@ -253,9 +365,7 @@ fn sinks_of(config: &Config) -> anyhow::Result<Vec<Arc<Sink>>> {
 
 async fn status(config: Config, raw: Option<&str>) -> anyhow::Result<ExitCode> {
     let sinks = sinks_of(&config)?;
-    let store = Store::connect_lazy(&config.database)?;
-    // A fresh directory has no tables yet: the answer is "nothing", not an error.
-    store.migrate().await?;
+    let store = Store::open_existing(&config.database).await?;
     let out = match raw {
         Some(raw) => {
             let phone = phone_arg(&config, raw)?;
@@ -273,8 +383,7 @@ async fn retry(config: Config, name: &str) -> anyhow::Result<ExitCode> {
     if !sinks.iter().any(|s| s.name == name) {
         anyhow::bail!("no sink {name:?} in the configuration");
     }
-    let store = Store::connect_lazy(&config.database)?;
-    store.migrate().await?;
+    let store = Store::open_existing(&config.database).await?;
     let known = store.release_sink(name).await?;
     store.close().await;
     if !known {
@@ -291,8 +400,7 @@ async fn resync(config: Config, name: &str) -> anyhow::Result<ExitCode> {
     let sinks = sinks_of(&config)?;
     let sink =
         sinks.iter().find(|s| s.name == name).with_context(|| format!("no sink {name:?} in the configuration"))?;
-    let store = Store::connect_lazy(&config.database)?;
-    store.migrate().await?;
+    let store = Store::open_existing(&config.database).await?;
     let late = chrono::Utc::now()
         + chrono::Duration::from_std(config.relay.recheck_late).unwrap_or(chrono::Duration::minutes(10));
     let report = resync::run(&store, sink, late).await;
@@ -306,8 +414,7 @@ async fn staff(config: Config, args: StaffArgs, kind: EventKind) -> anyhow::Resu
         anyhow::bail!("--source must name who recorded this");
     }
     let phone = phone_arg(&config, &args.phone)?;
-    let store = Store::connect_lazy(&config.database)?;
-    store.migrate().await?;
+    let store = Store::open_existing(&config.database).await?;
     let event = ops::staff_event(phone, kind, args.scope, args.note, &args.source);
     let id = ops::record(&store, event, &relay::follows(&sinks_of(&config)?)).await?;
     store.close().await;

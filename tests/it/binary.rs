@@ -9,6 +9,9 @@ use crate::common::{eventually, eventually_some, send_signed, stop_params, PUBLI
 
 const BIN: &str = env!("CARGO_BIN_EXE_optout-relay");
 
+/// A public URL that is not the example's placeholder, for a `check-config` that passes.
+const REAL_PUBLIC_URL: &str = "https://optout.hospital.test";
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -127,7 +130,114 @@ fn check_config_lists_every_problem() {
     std::fs::write(&file, "[server]\nlisten_addr = \"127.0.0.1:1\"\n").unwrap();
     let out = command(dir.path(), free_port()).args(["check-config", "--config"]).arg(&file).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("listen_addr"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listen_addr"));
+    // Another command refuses to start, listing the problems as plain lines.
+    let out = command(dir.path(), free_port()).args(["serve", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("  - server.listen_addr in ") && err.contains("check-config"), "{err}");
+}
+
+/// check-config fails on what would leave the service unable to work, lists
+/// every problem of a file that does not read in one run, with the variable
+/// to set, and shows each REDCap failure once.
+#[test]
+fn check_config_fails_when_the_service_could_not_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |tweak: &dyn Fn(&mut Command)| {
+        let mut c = command(dir.path(), free_port());
+        c.env("OPTOUT_RELAY__SERVER__PUBLIC_URL", REAL_PUBLIC_URL);
+        tweak(&mut c);
+        let out = c.arg("check-config").output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (code, text) = check(&|_| {});
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("does not exist yet; serve creates it"), "{text}");
+    assert!(!dir.path().join("optout-relay.db").exists(), "check-config created the database");
+
+    let (code, text) = check(&|c| {
+        c.env_remove("OPTOUT_RELAY__TWILIO__AUTH_TOKENS");
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL no Twilio credential") && text.contains("OPTOUT_RELAY__TWILIO__AUTH_TOKENS"), "{text}");
+
+    let (code, text) = check(&|c| {
+        c.env("OPTOUT_RELAY__SERVER__PUBLIC_URL", "https://optout.example.org");
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL server.public_url https://optout.example.org is the example's placeholder"), "{text}");
+
+    let (code, text) = check(&|c| {
+        c.env("OPTOUT_RELAY__DATABASE__URL", "postgres://postgres@127.0.0.1:1/nothing_listens")
+            .env("OPTOUT_RELAY__DATABASE__ACQUIRE_TIMEOUT", "1s");
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL database (postgres): ") && text.contains("OPTOUT_RELAY__DATABASE__URL"), "{text}");
+    let (code, text) = check(&|c| {
+        c.env("OPTOUT_RELAY__DATABASE__URL", "sqlite://no/such/dir/relay.db?mode=rwc");
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL database: the directory of the SQLite file"), "{text}");
+
+    // A file with several mistakes and a token left out: all of them at once, each once.
+    let file = dir.path().join("typos.toml");
+    std::fs::write(&file, "[server]\nlisten_adress = \"0.0.0.0:8080\"\n[relay]\nworkrs = 2\n[redcap]\nurl = \"https://r.hospital.test/api/\"\nphone_field = \"phone\"\n").unwrap();
+    let (code, text) = check(&|c| {
+        c.args(["--config", file.to_str().unwrap()]);
+    });
+    assert_eq!(code, Some(1), "{text}");
+    for needle in [
+        "FAIL server.listen_adress in ",
+        "FAIL relay.workrs in ",
+        "FAIL redcap.optout_field is missing: set optout_field in [redcap] or the environment variable OPTOUT_RELAY__REDCAP__OPTOUT_FIELD",
+        "FAIL redcap.token is empty (set OPTOUT_RELAY__REDCAP__TOKEN)",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in\n{text}");
+    }
+    assert!(!text.contains('`') && !text.contains("default."), "{text}");
+    assert!(text.contains("4 problem(s)"), "{text}");
+}
+
+/// Operator commands open the database `serve` or `migrate` made, and create none.
+#[test]
+fn operator_commands_refuse_a_database_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["status"][..], &["status", "+14155550101"], &["opt-out", "+14155550101"], &["replay", "--dead"]] {
+        let out = command(dir.path(), free_port()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        let expected =
+            format!("error: store unavailable: no database at {}", dir.path().join("optout-relay.db").display());
+        assert!(err.starts_with(&expected) && err.contains("optout-relay migrate"), "{args:?}: {err}");
+        assert!(!err.contains("\u{1b}["), "colour codes in a pipe: {err:?}");
+        assert!(!dir.path().join("optout-relay.db").exists(), "{args:?} created the database");
+    }
+    // An existing file without the schema is not quietly migrated either.
+    std::fs::write(dir.path().join("optout-relay.db"), b"").unwrap();
+    let out = command(dir.path(), free_port()).arg("status").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no schema for this version"));
+}
+
+/// Pretty logs written to a pipe carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_logs_into_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Mutex::new(
+        command(dir.path(), port)
+            .env("OPTOUT_RELAY__LOG__FORMAT", "pretty")
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+    assert!(terminate(&child).await.success());
+    let logs = stderr_of(&child);
+    assert!(logs.contains("INFO") && logs.contains("handled"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "colour codes in a pipe: {logs:?}");
 }
 
 #[test]
@@ -156,6 +266,7 @@ fn check_config_asks_redcap_and_refuses_a_date_only_field() {
     let dir = tempfile::tempdir().unwrap();
     let run = |url: &str, tok: &str| {
         command(dir.path(), free_port())
+            .env("OPTOUT_RELAY__SERVER__PUBLIC_URL", REAL_PUBLIC_URL)
             .env("OPTOUT_RELAY__REDCAP__URL", url)
             .env("OPTOUT_RELAY__REDCAP__TOKEN", tok)
             .env("OPTOUT_RELAY__REDCAP__PHONE_FIELD", "phone")
@@ -256,6 +367,7 @@ fn operator_commands_answer_without_a_server() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let run = |args: &[&str]| command(dir.path(), port).args(args).output().unwrap();
+    assert!(run(&["migrate"]).status.success());
     let out = run(&["opt-out", "(415) 555-0188", "--note", "called in", "--source", "desk:amy"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run(&["status", "415.555.0188"]);
@@ -398,6 +510,7 @@ const STUDY_A_TOKEN: &str = "0123456789ABCDEF0123456789ABCDEF";
 
 fn check_named_sink(dir: &std::path::Path, file: &std::path::Path, token: Option<&str>) -> std::process::Output {
     let mut c = command(dir, free_port());
+    c.env("OPTOUT_RELAY__SERVER__PUBLIC_URL", REAL_PUBLIC_URL);
     if let Some(t) = token {
         c.env("OPTOUT_RELAY__SINKS__STUDY_A__TOKEN", t);
     }
