@@ -19,10 +19,34 @@ use optout_relay::store::Store;
 use secrecy::ExposeSecret as _;
 use tokio_util::sync::CancellationToken;
 
+/// Where the configuration and the database come from, for `--help`.
+const AFTER_HELP: &str = "\
+Configuration, later layers win:
+  1. built-in defaults (config.example.toml documents every key)
+  2. a TOML file: --config PATH, else the file OPTOUT_RELAY_CONFIG names,
+     else optout-relay.toml in the working directory if present
+  3. DATABASE_URL
+  4. OPTOUT_RELAY__SECTION__KEY environment variables, one per key, e.g.
+     OPTOUT_RELAY__SERVER__PUBLIC_URL, OPTOUT_RELAY__TWILIO__AUTH_TOKENS,
+     OPTOUT_RELAY__REDCAP__TOKEN, OPTOUT_RELAY__SINKS__NAME__TOKEN
+  RUST_LOG sets the log level (default info,sqlx=warn).
+
+Database: by default the SQLite file optout-relay.db in the working directory,
+created by serve or migrate (other commands only open it); set
+OPTOUT_RELAY__DATABASE__URL=postgres://... for PostgreSQL.
+
+First run: optout-relay check-config, then serve, then
+optout-relay send-test STOP +14155550101 to see a signed webhook recorded.";
+
 #[derive(Parser)]
-#[command(name = "optout-relay", version, about = "Relays Twilio opt-outs (STOP/START) to REDCap, durably")]
+#[command(
+    name = "optout-relay",
+    version,
+    about = "Relays Twilio opt-outs (STOP/START) to REDCap, durably",
+    after_help = AFTER_HELP
+)]
 struct Cli {
-    /// Config file (default: optout-relay.toml if present, else built-in defaults).
+    /// Config file (default: the file OPTOUT_RELAY_CONFIG names, else optout-relay.toml if present, else built-in defaults).
     #[arg(long, global = true, env = "OPTOUT_RELAY_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]

@@ -221,3 +221,67 @@ fn email_ca_file_must_be_a_pem_certificate_used_with_tls() {
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].contains("no PEM certificate"), "{problems:?}");
 }
+
+/// `.env.example` and the README name the same keys and values, every
+/// variable either of them names is a key the service reads, and `--help`
+/// says where configuration and the database come from.
+#[test]
+fn env_example_readme_and_help_agree() {
+    if !in_child("env_example_readme_and_help_agree") {
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let example = std::fs::read_to_string(Path::new(root).join(".env.example")).unwrap();
+    let readme = std::fs::read_to_string(Path::new(root).join("README.md")).unwrap();
+    // Every variable, set or commented out, with its example value.
+    let mut vars = Vec::new();
+    for line in example.lines() {
+        let line = line.trim_start_matches('#').trim();
+        if let Some((name, value)) = line.split_once('=') {
+            if name.starts_with("OPTOUT_RELAY__") && !name.contains(' ') {
+                vars.push((name.to_owned(), value.to_owned()));
+            }
+        }
+    }
+    assert!(vars.len() > 20, "{vars:?}");
+    let value_of = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap();
+    for key in ["phone_field", "optout_field"] {
+        let value = value_of(&format!("OPTOUT_RELAY__REDCAP__{}", key.to_uppercase()));
+        assert!(
+            readme.contains(&format!("{key} = \"{value}\"")),
+            "README's [redcap] example has another {key} than {value}"
+        );
+    }
+    // The README's variables, bar the patterns (SECTION__KEY, NAME).
+    let mut named: Vec<String> = readme
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("OPTOUT_RELAY__") && !w.contains("SECTION") && !w.contains("__NAME__"))
+        .map(str::to_owned)
+        .collect();
+    named.sort();
+    named.dedup();
+    for (name, value) in &vars {
+        std::env::set_var(name, value);
+    }
+    for name in named.iter().filter(|n| std::env::var_os(n).is_none()) {
+        std::env::set_var(name, "x");
+    }
+    let problems = match Config::load_all(None) {
+        Ok(_) => Vec::new(),
+        Err(u) => u.problems,
+    };
+    let unknown: Vec<&String> = problems.iter().filter(|p| p.contains("is not a key")).collect();
+    assert!(unknown.is_empty(), "variables naming no key: {unknown:#?}");
+
+    let help = Command::new(env!("CARGO_BIN_EXE_optout-relay")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for needle in [
+        "OPTOUT_RELAY_CONFIG",
+        "OPTOUT_RELAY__SECTION__KEY",
+        "DATABASE_URL",
+        "optout-relay.db in the working directory",
+        "RUST_LOG",
+    ] {
+        assert!(help.contains(needle), "{needle} missing from --help:\n{help}");
+    }
+}
