@@ -65,6 +65,7 @@ impl Application {
         let region = config.keywords.region().ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
         // `problems()` above refused a relay.lease a REDCap batch could outlive.
         let sinks = build_sinks(&config, region)?;
+        crate::metrics::register(&sinks.iter().map(|s| s.name.as_str()).collect::<Vec<_>>());
         // Notified when new work was committed: wakes the relay.
         let recorded = Arc::new(Notify::new());
         let relay =

@@ -644,3 +644,54 @@ async fn send_test_posts_a_signed_webhook_and_prints_the_answer() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("Is `optout-relay serve` running"));
 }
+
+/// Before any request, `/metrics` describes every series and shows each
+/// counter at 0 for its known labels (per configured sink, per task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_describe_every_series_from_the_start() {
+    optout_relay::install_tls_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Mutex::new(
+        with_unreachable_redcap(&mut command(dir.path(), port)).arg("serve").stderr(Stdio::null()).spawn().unwrap(),
+    );
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+    let scrape =
+        || async { reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap() };
+    // The relay's workers start once migrations are applied and the sinks registered.
+    let text = eventually_some("the relay worker's panic counter", || async {
+        let text = scrape().await;
+        text.contains("optout_task_panics_total{task=\"relay-redcap-0\"} 0\n").then_some(text)
+    })
+    .await;
+    assert!(terminate(&child).await.success());
+    for series in [
+        "optout_webhooks_total",
+        "optout_events_total",
+        "optout_deliveries_total",
+        "optout_delivery_attempts_total",
+        "optout_pending_deliveries",
+        "optout_oldest_pending_delivery_age_seconds",
+        "optout_dead_deliveries",
+        "optout_sink_up",
+        "optout_sink_failing_seconds",
+        "optout_task_panics_total",
+        "optout_queue_stats_up",
+        "optout_queue_stats_last_success_timestamp_seconds",
+    ] {
+        assert!(text.contains(&format!("# HELP {series} ")), "{series} not described:\n{text}");
+    }
+    for outcome in optout_relay::metrics::WEBHOOK_OUTCOMES {
+        assert!(text.contains(&format!("optout_webhooks_total{{outcome=\"{outcome}\"}} 0\n")), "{outcome}:\n{text}");
+    }
+    for kind in ["opt_out", "opt_in", "help"] {
+        assert!(text.contains(&format!("optout_events_total{{kind=\"{kind}\"}} 0\n")), "{kind}:\n{text}");
+    }
+    for outcome in optout_relay::metrics::DELIVERY_OUTCOMES {
+        let line = format!("optout_deliveries_total{{sink=\"redcap\",outcome=\"{outcome}\"}} 0\n");
+        assert!(text.contains(&line), "{line}\n{text}");
+    }
+    assert!(text.contains("optout_delivery_attempts_total{sink=\"redcap\"} 0\n"), "{text}");
+    assert!(text.contains("optout_task_panics_total{task=\"batch-writer-0\"} 0\n"), "{text}");
+    assert!(text.contains("optout_pending_deliveries{sink=\"redcap\"} 0\n"), "{text}");
+}
