@@ -695,3 +695,89 @@ async fn metrics_describe_every_series_from_the_start() {
     assert!(text.contains("optout_task_panics_total{task=\"batch-writer-0\"} 0\n"), "{text}");
     assert!(text.contains("optout_pending_deliveries{sink=\"redcap\"} 0\n"), "{text}");
 }
+
+/// The relay's lines name the delivery (row) id, the event id and the
+/// attempt; a failure's lines say when the next attempt comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_log_lines_carry_the_delivery_the_event_the_attempt_and_the_next_attempt() {
+    use crate::common::fake_redcap::{FakeProject, FakeRedcap, Fault};
+    optout_relay::install_tls_provider();
+    let token = "0123456789ABCDEF0123456789ABCDEF";
+    let redcap = FakeRedcap::start(
+        FakeProject::new(
+            token,
+            &[("record_id", "f", ""), ("phone", "f", ""), ("opted_out_at", "f", "datetime_seconds_ymd")],
+        )
+        .with_record("1", None, &[("phone", "(415) 555-0177"), ("opted_out_at", "")])
+        .with_record("2", None, &[("phone", "(415) 555-0178"), ("opted_out_at", "")]),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let configured = || {
+        let mut c = command(dir.path(), port);
+        c.env("OPTOUT_RELAY__REDCAP__URL", &redcap.url)
+            .env("OPTOUT_RELAY__REDCAP__TOKEN", token)
+            .env("OPTOUT_RELAY__REDCAP__PHONE_FIELD", "phone")
+            .env("OPTOUT_RELAY__REDCAP__OPTOUT_FIELD", "opted_out_at");
+        c
+    };
+    let child = Mutex::new(
+        configured()
+            .env("OPTOUT_RELAY__RELAY__RETRY_BASE", "30s")
+            .env("OPTOUT_RELAY__RELAY__RETRY_CAP", "60s")
+            // Read only at the end: few enough lines that the pipe never fills.
+            .env("RUST_LOG", "info,sqlx=warn")
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+    let url = format!("http://127.0.0.1:{port}/twilio/messages");
+    let client = reqwest::Client::new();
+    let stop = stop_params("SMlog1", "+14155550177", "STOP", Some("STOP"));
+    assert_eq!(send_signed(&client, &url, &stop).await, 200);
+    eventually("the first record stamped", || async {
+        redcap.value("1", None, "opted_out_at").is_some_and(|v| !v.is_empty())
+    })
+    .await;
+
+    redcap.set_fault(Fault::Status500);
+    let stop = stop_params("SMlog2", "+14155550178", "STOP", Some("STOP"));
+    assert_eq!(send_signed(&client, &url, &stop).await, 200);
+    let status = || {
+        let out = configured().args(["status", "+14155550178"]).output().unwrap();
+        stdout_json(&out)
+    };
+    eventually("the second phone's failed attempt recorded", || async {
+        status()["sinks"][0]["last_error"].is_string()
+    })
+    .await;
+    assert!(terminate(&child).await.success());
+
+    let logs = stderr_of(&child);
+    let lines: Vec<serde_json::Value> = logs.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let with = |message: &str| lines.iter().filter(|l| l["message"] == message).cloned().collect::<Vec<_>>();
+    let written = with("sink brought to target");
+    assert_eq!(written.len(), 1, "{logs}");
+    let w = &written[0];
+    assert_eq!(
+        (w["sink"].as_str(), w["attempt"].as_i64(), w["opted_out"].as_bool()),
+        (Some("redcap"), Some(1), Some(true)),
+        "{w}"
+    );
+    assert!(w["delivery_id"].as_i64().is_some() && w["event_id"].as_i64().is_some(), "{w}");
+
+    let failed = with("not written; retried when the sink's backoff ends (next_attempt_at on the sink's line)");
+    assert!(!failed.is_empty(), "{logs}");
+    let f = &failed[0];
+    assert_eq!(f["attempt"].as_i64(), Some(1), "{f}");
+    assert!(f["delivery_id"].as_i64().is_some() && f["event_id"].as_i64() > w["event_id"].as_i64(), "{f}");
+    assert_ne!(f["delivery_id"], w["delivery_id"]);
+    let sink_line = with("sink failing; backing off");
+    let next = sink_line[0]["next_attempt_at"].as_str().unwrap_or_else(|| panic!("{logs}"));
+    let next = chrono::DateTime::parse_from_rfc3339(next).unwrap();
+    assert!(next > chrono::Utc::now() + chrono::Duration::seconds(10), "30s ± 20% from the failure: {next}");
+    assert!(!logs.contains("+14155550177") && !logs.contains("+14155550178"), "phones unmasked");
+}
