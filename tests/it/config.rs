@@ -285,3 +285,42 @@ fn env_example_readme_and_help_agree() {
         assert!(help.contains(needle), "{needle} missing from --help:\n{help}");
     }
 }
+
+/// SECURITY.md names real keys and states their real defaults.
+#[test]
+fn security_md_names_real_keys_with_their_defaults() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let security = std::fs::read_to_string(root.join("SECURITY.md")).unwrap();
+    let example = std::fs::read_to_string(root.join("config.example.toml")).unwrap();
+    let sections = ["server", "database", "twilio", "keywords", "relay", "log", "admin"];
+    let mut keys = Vec::new();
+    for quoted in security.split('`').skip(1).step_by(2) {
+        let Some((section, key)) = quoted.split_once('.') else { continue };
+        if sections.contains(&section) && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            keys.push((section, key));
+        }
+    }
+    assert!(keys.len() >= 8, "{keys:?}");
+    for (section, key) in keys {
+        let start = example.find(&format!("\n[{section}]")).unwrap_or_else(|| panic!("[{section}] in the example"));
+        let table = &example[start + 1..];
+        let table = &table[..table[1..].find("\n[").map_or(table.len(), |i| i + 1)];
+        assert!(
+            table.lines().any(|l| l.trim_start_matches('#').trim_start().starts_with(&format!("{key} ")))
+                || example.contains(&format!("[{section}.{key}]")),
+            "SECURITY.md names {section}.{key}, which config.example.toml's [{section}] does not have"
+        );
+    }
+    let d = Config::default();
+    let redcap = optout_relay::config::RedcapConfig::new("https://r/api/", "t".to_owned().into(), "p", "o");
+    for (key, default) in [
+        ("`server.max_body_bytes`", format!("{} KiB", d.server.max_body_bytes / 1024)),
+        ("`database.acquire_timeout`", format!("{} s", d.database.acquire_timeout.as_secs())),
+        ("`server.shutdown_grace`", format!("{} s", d.server.shutdown_grace.as_secs())),
+        ("`request_timeout` of the sink", format!("{} s", redcap.request_timeout.as_secs())),
+        ("`max_calls_per_minute` of the sink", redcap.max_calls_per_minute.to_string()),
+    ] {
+        let row = security.lines().find(|l| l.contains(key)).unwrap_or_else(|| panic!("{key} in SECURITY.md"));
+        assert!(row.contains(&format!("| {default} |")), "{key}: default {default} in {row}");
+    }
+}
