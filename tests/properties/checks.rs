@@ -141,20 +141,27 @@ pub fn signature(token: &str, url: &str, pairs: &[(String, String)], garbage: &s
     let _ = verifier.verify(&urls, Some(garbage), settings, SignedBody::Raw(garbage.as_bytes()));
 }
 
-/// Parsing never panics; what it gives is E.164 and reads back as itself;
-/// a number valid for its region stays valid; the mask hides the middle.
+/// Parsing never panics; what it gives is E.164; a number valid for its
+/// region is one the webhook accepts too; the mask hides the middle. That
+/// what it gives reads back as itself does not hold yet: see
+/// `e164_reads_back_as_itself` in tests/properties.rs.
 pub fn phone(raw: &str, region: country::Id) {
-    if let Ok(p) = Phone::parse(raw, region) {
+    let e164 = |p: &Phone| {
         let s = p.as_str();
         assert!(s.starts_with('+') && s.len() > 1 && s[1..].bytes().all(|b| b.is_ascii_digit()), "{raw:?} -> {s}");
-        // That it reads back as itself holds only for valid numbers yet (see
-        // `parse_reads_back_what_it_gives` in tests/properties.rs).
-        let masked = p.masked();
+    };
+    let parsed = Phone::parse(raw, region);
+    if let Ok(p) = &parsed {
+        e164(p);
+        let (s, masked) = (p.as_str(), p.masked());
         assert!(s.len() < 8 || !masked.contains(&s[1..]), "{s} unmasked: {masked}");
     }
     if let Some(p) = Phone::parse_valid(raw, region) {
-        assert_eq!(Phone::parse_valid(p.as_str(), region).as_ref(), Some(&p), "{raw:?} -> {p}");
-        assert_eq!(Phone::parse(p.as_str(), region).as_ref(), Ok(&p), "a valid number refused by parse: {p}");
+        e164(&p);
+        // Extensions are read by parse_valid only (a phone field may hold one; Twilio's From never does).
+        if !raw.chars().any(char::is_alphabetic) {
+            assert!(parsed.is_ok(), "{raw:?} is valid ({p}) yet refused as a From");
+        }
     }
 }
 
