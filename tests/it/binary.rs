@@ -292,6 +292,9 @@ fn check_config_asks_redcap_and_refuses_a_date_only_field() {
     unique.dedup();
     assert_eq!(unique.len(), fails.len(), "{text}");
     assert!(text.contains(&format!("\n{} problem(s)", fails.len())), "{text}");
+    for fail in &fails {
+        assert_eq!(text.matches(&fail["FAIL ".len()..]).count(), 1, "said twice: {fail}\n{text}");
+    }
 
     let out = run(&good.url, "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
