@@ -29,6 +29,34 @@ fn command(dir: &std::path::Path, port: u16) -> Command {
     c
 }
 
+/// A spawned `serve` that is killed if the test ends before it stopped it:
+/// a failed assertion must not leave a server behind holding the test
+/// runner's pipes (the runner would then wait for it forever).
+struct Running(Mutex<Child>);
+
+impl Running {
+    fn new(child: Child) -> Running {
+        Running(Mutex::new(child))
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Mutex<Child>;
+    fn deref(&self) -> &Mutex<Child> {
+        &self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let child = self.0.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Polls `healthy` (the binary's own `healthcheck`) until it passes; the server must not exit meanwhile.
 async fn wait_healthy(child: &Mutex<Child>, healthy: impl Fn() -> bool) {
     eventually("the server answers its healthcheck", || async {
@@ -60,7 +88,7 @@ async fn serve_on_the_embedded_default_answers_then_stops_cleanly_on_sigterm() {
     optout_relay::install_tls_provider();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let child = Mutex::new(command(dir.path(), port).arg("serve").stderr(Stdio::piped()).spawn().unwrap());
+    let child = Running::new(command(dir.path(), port).arg("serve").stderr(Stdio::piped()).spawn().unwrap());
     wait_healthy(&child, || healthcheck(dir.path(), port)).await;
 
     // A signed STOP over real HTTP to the real binary.
@@ -92,7 +120,7 @@ fn healthcheck_fails_when_nothing_listens() {
 async fn serve_without_a_token_starts_but_warns_loudly() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let child = Mutex::new(
+    let child = Running::new(
         command(dir.path(), port)
             .env_remove("OPTOUT_RELAY__TWILIO__AUTH_TOKENS")
             .arg("serve")
@@ -225,7 +253,7 @@ fn operator_commands_refuse_a_database_that_does_not_exist() {
 async fn pretty_logs_into_a_pipe_have_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let child = Mutex::new(
+    let child = Running::new(
         command(dir.path(), port)
             .env("OPTOUT_RELAY__LOG__FORMAT", "pretty")
             .arg("serve")
@@ -361,7 +389,7 @@ async fn the_images_start_and_healthcheck_commands_work_as_written() {
     };
     let healthy = || run(&image.healthcheck).stderr(Stdio::null()).status().unwrap().success();
     assert!(!healthy(), "unhealthy before start");
-    let server = Mutex::new(run(&image.start).stderr(Stdio::piped()).spawn().unwrap());
+    let server = Running::new(run(&image.start).stderr(Stdio::piped()).spawn().unwrap());
     wait_healthy(&server, healthy).await;
     assert!(terminate(&server).await.success(), "SIGTERM (docker stop) exits 0");
     let logs = stderr_of(&server);
@@ -444,7 +472,7 @@ async fn sink_commands_report_release_and_refuse_clearly() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let server = Mutex::new(
+    let server = Running::new(
         with_unreachable_redcap(&mut command(dir.path(), port)).arg("serve").stderr(Stdio::null()).spawn().unwrap(),
     );
     wait_healthy(&server, || healthcheck(dir.path(), port)).await;
@@ -599,7 +627,7 @@ async fn send_test_posts_a_signed_webhook_and_prints_the_answer() {
     };
     let mut serve = command(dir.path(), port);
     with_public(&mut serve);
-    let child = Mutex::new(serve.arg("serve").stderr(Stdio::piped()).spawn().unwrap());
+    let child = Running::new(serve.arg("serve").stderr(Stdio::piped()).spawn().unwrap());
     wait_healthy(&child, || healthcheck(dir.path(), port)).await;
 
     let run = |args: &[&str], tweak: &dyn Fn(&mut Command)| {
@@ -662,7 +690,7 @@ async fn metrics_describe_every_series_from_the_start() {
     optout_relay::install_tls_provider();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let child = Mutex::new(
+    let child = Running::new(
         with_unreachable_redcap(&mut command(dir.path(), port)).arg("serve").stderr(Stdio::null()).spawn().unwrap(),
     );
     wait_healthy(&child, || healthcheck(dir.path(), port)).await;
@@ -732,7 +760,7 @@ async fn relay_log_lines_carry_the_delivery_the_event_the_attempt_and_the_next_a
             .env("OPTOUT_RELAY__REDCAP__OPTOUT_FIELD", "opted_out_at");
         c
     };
-    let child = Mutex::new(
+    let child = Running::new(
         configured()
             .env("OPTOUT_RELAY__RELAY__RETRY_BASE", "30s")
             .env("OPTOUT_RELAY__RELAY__RETRY_CAP", "60s")
