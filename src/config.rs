@@ -583,19 +583,40 @@ fn scope_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D:
         .map(Some)
 }
 
+/// Every problem found while reading the layers, one line each, naming the
+/// key, where it came from and the environment variable that sets it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct LoadError(String);
+#[error("{}", .0.join("\n"))]
+pub struct LoadError(pub Vec<String>);
+
+/// What [`Config::load_all`] gives when the layers do not read: every
+/// problem, and the configuration read past them (unknown keys and bad
+/// values dropped, missing ones empty), so that `check-config` can go on to
+/// the checks that need a configuration. The keys mended are listed, so
+/// that their consequences are not reported twice.
+pub struct Unreadable {
+    pub problems: Vec<String>,
+    pub mended: Option<Box<Config>>,
+    pub keys: Vec<String>,
+}
+
+/// Each pass of [`Config::extract`] mends the one error serde stops at, so
+/// a file with many mistakes is read this many times at most.
+const MAX_LOAD_PASSES: usize = 64;
 
 impl Config {
     /// Loads the layers. `path` is `--config`; when `None`, `optout-relay.toml`
     /// is read if present, else only defaults and environment apply.
     pub fn load(path: Option<&Path>) -> Result<Config, LoadError> {
+        Self::extract(Self::layers(path)?)
+    }
+
+    fn layers(path: Option<&Path>) -> Result<Figment, LoadError> {
         let mut figment = Figment::new();
         match path {
             Some(p) => {
                 if !p.exists() {
-                    return Err(LoadError(format!("config file {} does not exist", p.display())));
+                    return Err(LoadError(vec![format!("config file {} does not exist", p.display())]));
                 }
                 figment = figment.merge(Toml::file(p));
             }
@@ -607,15 +628,62 @@ impl Config {
         figment = figment
             .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
             .merge(Env::prefixed(ENV_PREFIX).split("__"));
-        Self::extract(figment)
+        Ok(figment)
     }
 
-    /// The configuration the layers of `figment` hold, every error listed.
+    /// The configuration the layers of `figment` hold, or every problem in
+    /// them. serde stops at the first error, so each pass mends that one
+    /// (drops an unknown key or a bad value, so its default applies; fills a
+    /// missing one) and reads again: one run lists every unknown key and
+    /// every missing value, not one per run.
     fn extract(figment: Figment) -> Result<Config, LoadError> {
-        figment.extract::<Config>().map_err(|e| {
-            let all: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
-            LoadError(all.join("\n"))
-        })
+        Self::extract_all(figment).map_err(|u| LoadError(u.problems))
+    }
+
+    /// [`Config::load`] for `check-config`: on failure, also the configuration read past the problems.
+    pub fn load_all(path: Option<&Path>) -> Result<Config, Unreadable> {
+        let figment = match Self::layers(path) {
+            Ok(f) => f,
+            Err(LoadError(problems)) => return Err(Unreadable { problems, mended: None, keys: Vec::new() }),
+        };
+        Self::extract_all(figment)
+    }
+
+    fn extract_all(figment: Figment) -> Result<Config, Unreadable> {
+        let first = match figment.extract::<Config>() {
+            Ok(config) => return Ok(config),
+            Err(e) => e,
+        };
+        let Ok(mut data) = figment.extract::<figment::value::Dict>() else {
+            let problems = first.into_iter().map(|e| describe(&figment, &e)).collect();
+            return Err(Unreadable { problems, mended: None, keys: Vec::new() });
+        };
+        let mut problems = Vec::new();
+        // Keys this loop removed: a later "missing" for one of them is a
+        // consequence, already reported.
+        let mut removed: Vec<Vec<String>> = Vec::new();
+        let mut error = first;
+        for _ in 0..MAX_LOAD_PASSES {
+            let mut mended = false;
+            for e in error {
+                let consequence = removed.iter().any(|r| key_of(&e).0.starts_with(r));
+                if !consequence {
+                    problems.push(describe(&figment, &e));
+                }
+                mended |= mend(&mut data, &e, &mut removed);
+            }
+            if !mended {
+                break;
+            }
+            match Figment::from(figment::providers::Serialized::defaults(&data)).extract::<Config>() {
+                Ok(mended) => {
+                    let keys = removed.iter().map(|k| k.join(".")).filter(|k| !k.is_empty()).collect();
+                    return Err(Unreadable { problems, mended: Some(Box::new(mended)), keys });
+                }
+                Err(e) => error = e,
+            }
+        }
+        Err(Unreadable { problems, mended: None, keys: Vec::new() })
     }
 
     /// Every sink, named, sorted by name: the `[sinks.NAME]` tables and the
@@ -717,6 +785,47 @@ impl Config {
         out
     }
 
+    /// What `check-config` finds beyond [`Config::problems`]: settings
+    /// `serve` starts with (tests and experiments need that) but with which
+    /// it cannot do its job for Twilio. Each says which variable to set.
+    pub fn first_run_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let twilio = &self.twilio;
+        if !twilio.validate_signatures {
+            out.push(
+                "twilio.validate_signatures is false: anyone who reaches the service can record opt-outs; \
+                 remove it or set OPTOUT_RELAY__TWILIO__VALIDATE_SIGNATURES=true"
+                    .to_owned(),
+            );
+        } else if twilio.auth_tokens.is_empty() && twilio.shared_keys.is_empty() {
+            out.push(
+                "no Twilio credential: every webhook would be refused (403); set \
+                 OPTOUT_RELAY__TWILIO__AUTH_TOKENS to the account's Auth Token (Twilio Console, \
+                 Account, API keys & tokens)"
+                    .to_owned(),
+            );
+        }
+        match &self.server.public_url {
+            None => out.push(
+                "server.public_url is not set: Twilio signs the URL it calls, which the service cannot \
+                 see behind a proxy; set OPTOUT_RELAY__SERVER__PUBLIC_URL to it, e.g. https://optout.your-org.edu"
+                    .to_owned(),
+            ),
+            Some(url) if is_placeholder(url) => out.push(format!(
+                "server.public_url {url} is the example's placeholder: set OPTOUT_RELAY__SERVER__PUBLIC_URL \
+                 to the URL Twilio calls"
+            )),
+            Some(_) => {}
+        }
+        for url in self.server.alternate_public_urls.iter().filter(|u| is_placeholder(u)) {
+            out.push(format!(
+                "server.alternate_public_urls holds the example's placeholder {url}: list the URLs Twilio \
+                 calls, or remove OPTOUT_RELAY__SERVER__ALTERNATE_PUBLIC_URLS"
+            ));
+        }
+        out
+    }
+
     /// The sinks' names, their number by type, and each sink's own keys.
     fn sink_problems(&self, out: &mut Vec<String>) {
         for name in self.sinks.keys() {
@@ -778,6 +887,126 @@ impl Config {
             ));
         }
     }
+}
+
+/// The full key path an error is about (`server.listen_addr`) and the
+/// table it sits in (`server`).
+fn key_of(e: &figment::Error) -> (Vec<String>, Vec<String>) {
+    use figment::error::Kind;
+    let name = match &e.kind {
+        Kind::UnknownField(name, _) => Some(name.clone()),
+        Kind::MissingField(name) => Some(name.to_string()),
+        _ => None,
+    };
+    match name {
+        // serde reports a struct's unknown or missing field at the struct.
+        Some(name) if e.path.last() != Some(&name) => {
+            let mut key = e.path.clone();
+            key.push(name);
+            (key, e.path.clone())
+        }
+        _ => {
+            let table = e.path[..e.path.len().saturating_sub(1)].to_vec();
+            (e.path.clone(), table)
+        }
+    }
+}
+
+/// One line for a load error: the key with no profile prefix, where it was
+/// set, what is wrong, and how to set it. No backticks: the line is read in
+/// a terminal or a log, where they are noise.
+fn describe(figment: &Figment, e: &figment::Error) -> String {
+    use figment::error::Kind;
+    let (key, table) = key_of(e);
+    let dotted = key.join(".");
+    let env = env_var_of(&key);
+    let origin = || match figment.find_metadata(&dotted) {
+        Some(m) => match &m.source {
+            Some(figment::Source::File(path)) => format!(" in {}", path.display()),
+            _ if m.name.contains("environment") => format!(" (from {env})"),
+            _ => String::new(),
+        },
+        None => String::new(),
+    };
+    let table_name = if table.is_empty() { "the top level".to_owned() } else { format!("[{}]", table.join(".")) };
+    match &e.kind {
+        Kind::UnknownField(_, expected) => {
+            format!("{dotted}{} is not a key of {table_name}; known keys: {}", origin(), expected.join(", "))
+        }
+        Kind::MissingField(name) => {
+            format!("{dotted} is missing: set {name} in {table_name} or the environment variable {env}")
+        }
+        Kind::UnknownVariant(value, expected) => {
+            format!("{dotted}{} {value:?} is not one of {}", origin(), expected.join(", "))
+        }
+        other => format!(
+            "{dotted}{}: {} (set it in {table_name} or with {env})",
+            origin(),
+            other.to_string().replace('`', "")
+        ),
+    }
+}
+
+/// A URL on a host reserved for examples (RFC 2606: example.org, .com,
+/// .net, `.example`, `.invalid`), as in `.env.example` and the README.
+fn is_placeholder(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    let host = host.split(':').next().unwrap_or_default().trim_end_matches('.').to_ascii_lowercase();
+    ["example.org", "example.com", "example.net"].iter().any(|d| host == *d || host.ends_with(&format!(".{d}")))
+        || host.ends_with(".example")
+        || host.ends_with(".invalid")
+}
+
+/// `OPTOUT_RELAY__SINKS__STUDY_A__TOKEN` for `sinks.study_a.token`.
+fn env_var_of(key: &[String]) -> String {
+    format!("{ENV_PREFIX}{}", key.join("__")).to_ascii_uppercase()
+}
+
+/// Changes `data` so that the next read gets past `e`: an unknown key or a
+/// bad value is dropped (its default applies, or it is reported missing), a
+/// missing value gets an empty text (the problems that follow say more). A
+/// value that still does not fit takes its table with it. False when nothing
+/// could be changed.
+fn mend(data: &mut figment::value::Dict, e: &figment::Error, removed: &mut Vec<Vec<String>>) -> bool {
+    use figment::error::Kind;
+    let (key, table) = key_of(e);
+    if let Kind::MissingField(_) = e.kind {
+        if !removed.contains(&key) {
+            removed.push(key.clone());
+            return set_at(data, &key, figment::value::Value::from(String::new()));
+        }
+        // An empty text was not enough (a list, a number): drop the table.
+        removed.push(table.clone());
+        return remove_at(data, &table);
+    }
+    removed.push(key.clone());
+    remove_at(data, &key) || (!table.is_empty() && remove_at(data, &table))
+}
+
+fn remove_at(data: &mut figment::value::Dict, key: &[String]) -> bool {
+    let Some((last, parents)) = key.split_last() else { return false };
+    let mut dict = data;
+    for part in parents {
+        match dict.get_mut(part) {
+            Some(figment::value::Value::Dict(_, inner)) => dict = inner,
+            _ => return false,
+        }
+    }
+    dict.remove(last).is_some()
+}
+
+fn set_at(data: &mut figment::value::Dict, key: &[String], value: figment::value::Value) -> bool {
+    let Some((last, parents)) = key.split_last() else { return false };
+    let mut dict = data;
+    for part in parents {
+        match dict.get_mut(part) {
+            Some(figment::value::Value::Dict(_, inner)) => dict = inner,
+            _ => return false,
+        }
+    }
+    dict.insert(last.clone(), value).is_none()
 }
 
 /// Names of the sinks the shorthand tables define.
@@ -1005,7 +1234,7 @@ to = "ops@example.org"
         for (table, typo) in [(STUDY_A, "tokn"), (SHORTHAND, "tokn")] {
             let text = table.replacen("token =", &format!("{typo} = \"x\"\ntoken ="), 1);
             let err = parse(&text).unwrap_err();
-            assert!(err.contains("unknown field") && err.contains(typo), "{err}");
+            assert!(err.contains("is not a key") && err.contains(typo), "{err}");
         }
         let email = "[sinks.mail]\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"a@b.c\"\nto = \"d@e.f\"\nalert_afer = \"1m\"\n";
         let err = parse(email).unwrap_err();
@@ -1017,9 +1246,60 @@ to = "ops@example.org"
     }
 
     #[test]
+    fn every_unknown_key_and_missing_value_is_listed_in_one_run_without_backticks() {
+        let text = "[server]\nlisten_addr = \"x\"\npublik = 1\n[relay]\nworkrs = 2\nlease = \"soon\"\n\
+                    [redcap]\nurl = \"https://r/api/\"\ntokn = \"t\"\n[sinks.b]\ntype = \"redcapp\"\n\
+                    [sinks.c]\nurl = \"x\"\n";
+        let err = parse(text).unwrap_err();
+        let lines: Vec<&str> = err.lines().collect();
+        for expected in [
+            "server.listen_addr is not a key of [server]; known keys: listen, public_url,",
+            "server.publik is not a key of [server]",
+            "relay.workrs is not a key of [relay]",
+            "relay.lease: ",
+            "redcap.tokn is not a key of [redcap]",
+            "redcap.phone_field is missing: set phone_field in [redcap] or the environment variable \
+             OPTOUT_RELAY__REDCAP__PHONE_FIELD",
+            "redcap.optout_field is missing",
+            "sinks.c.type is missing",
+        ] {
+            assert!(lines.iter().any(|l| l.starts_with(expected)), "{expected:?} in {lines:#?}");
+        }
+        assert!(lines.iter().any(|l| l.contains("redcapp")), "{lines:#?}");
+        // The empty text that stood in for the missing type is not a problem of its own.
+        assert!(!lines.iter().any(|l| l.contains("\"\" is not one of")), "{lines:#?}");
+        assert!(!err.contains('`') && !err.contains("default."), "{err}");
+        // Each problem once.
+        let mut unique = lines.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), lines.len(), "{lines:#?}");
+    }
+
+    #[test]
+    fn first_run_problems_name_the_missing_credential_and_the_placeholder_url() {
+        let c = parse("").unwrap();
+        let p = c.first_run_problems();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("no Twilio credential") && p[0].contains("OPTOUT_RELAY__TWILIO__AUTH_TOKENS"));
+        assert!(p[1].starts_with("server.public_url is not set") && p[1].contains("OPTOUT_RELAY__SERVER__PUBLIC_URL"));
+        let c = parse("[server]\npublic_url = \"https://optout.example.org\"\nalternate_public_urls = [\"https://b.example.com:8443/x\", \"https://twilio.hospital.org\"]\n[twilio]\nauth_tokens = \"t\"\n").unwrap();
+        let p = c.first_run_problems();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("https://optout.example.org is the example's placeholder"), "{p:?}");
+        assert!(p[1].contains("https://b.example.com:8443/x"), "{p:?}");
+        let c =
+            parse("[server]\npublic_url = \"https://optout.examples.org\"\n[twilio]\nshared_keys = { k = \"s\" }\n")
+                .unwrap();
+        assert_eq!(c.first_run_problems(), Vec::<String>::new());
+        let c = parse("[server]\npublic_url = \"https://a.b\"\n[twilio]\nvalidate_signatures = false\n").unwrap();
+        assert!(c.first_run_problems()[0].starts_with("twilio.validate_signatures is false"));
+    }
+
+    #[test]
     fn max_attempts_is_now_an_unknown_key() {
         let err = parse("[relay]\nmax_attempts = 100\n").unwrap_err();
-        assert!(err.contains("unknown field") && err.contains("max_attempts"), "{err}");
+        assert!(err.starts_with("relay.max_attempts is not a key of [relay]"), "{err}");
     }
 
     #[test]

@@ -19,10 +19,34 @@ use optout_relay::store::Store;
 use secrecy::ExposeSecret as _;
 use tokio_util::sync::CancellationToken;
 
+/// Where the configuration and the database come from, for `--help`.
+const AFTER_HELP: &str = "\
+Configuration, later layers win:
+  1. built-in defaults (config.example.toml documents every key)
+  2. a TOML file: --config PATH, else the file OPTOUT_RELAY_CONFIG names,
+     else optout-relay.toml in the working directory if present
+  3. DATABASE_URL
+  4. OPTOUT_RELAY__SECTION__KEY environment variables, one per key, e.g.
+     OPTOUT_RELAY__SERVER__PUBLIC_URL, OPTOUT_RELAY__TWILIO__AUTH_TOKENS,
+     OPTOUT_RELAY__REDCAP__TOKEN, OPTOUT_RELAY__SINKS__NAME__TOKEN
+  RUST_LOG sets the log level (default info,sqlx=warn).
+
+Database: by default the SQLite file optout-relay.db in the working directory,
+created by serve or migrate (other commands only open it); set
+OPTOUT_RELAY__DATABASE__URL=postgres://... for PostgreSQL.
+
+First run: optout-relay check-config, then serve, then
+optout-relay send-test STOP +14155550101 to see a signed webhook recorded.";
+
 #[derive(Parser)]
-#[command(name = "optout-relay", version, about = "Relays Twilio opt-outs (STOP/START) to REDCap, durably")]
+#[command(
+    name = "optout-relay",
+    version,
+    about = "Relays Twilio opt-outs (STOP/START) to REDCap, durably",
+    after_help = AFTER_HELP
+)]
 struct Cli {
-    /// Config file (default: optout-relay.toml if present, else built-in defaults).
+    /// Config file (default: the file OPTOUT_RELAY_CONFIG names, else optout-relay.toml if present, else built-in defaults).
     #[arg(long, global = true, env = "OPTOUT_RELAY_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -69,6 +93,29 @@ enum Command {
     OptOut(StaffArgs),
     /// Record an opt-in received another way; it is relayed like a START.
     OptIn(StaffArgs),
+    /// Post a webhook signed as Twilio signs it (the first of twilio.auth_tokens, over
+    /// server.public_url + /twilio/messages) to the running service and print its answer.
+    ///
+    /// A 200 through the public URL proves that the proxy, server.public_url and the
+    /// token agree; a 403 means Twilio's webhooks would be refused too. The event is
+    /// real: STOP records an opt-out of PHONE that is relayed to every sink (send START
+    /// to take it back).
+    SendTest {
+        /// STOP, START or HELP, reported as Advanced Opt-Out reports it (OptOutType).
+        keyword: ops::TestKeyword,
+        /// The number the message comes from, in any format.
+        phone: String,
+        /// Sign for and post to this URL instead, e.g. http://127.0.0.1:8080/twilio/messages
+        /// (the service accepts it only if it is the URL its public_url names).
+        #[arg(long)]
+        url: Option<String>,
+        /// The number texted (the event's scope when no Messaging Service is named).
+        #[arg(long, default_value = ops::TEST_TO)]
+        to: String,
+        /// The Messaging Service SID (MG…) the message came through.
+        #[arg(long)]
+        messaging_service_sid: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -88,27 +135,38 @@ struct StaffArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    let loaded = Config::load_all(cli.config.as_deref());
+    if let Command::CheckConfig = cli.command {
+        // check-config reports a configuration that does not read too, with everything else it finds.
+        let format = loaded.as_ref().map_or_else(|u| u.mended.as_ref().map(|c| c.log.format), |c| Some(c.log.format));
+        optout_relay::telemetry::init(format.unwrap_or_default());
+        optout_relay::install_tls_provider();
+        return match runtime() {
+            Ok(rt) => rt.block_on(check_config(loaded)),
+            Err(code) => code,
+        };
+    }
+    let config = match loaded {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("configuration error:\n{e}");
+        Err(unreadable) => {
+            eprintln!("configuration error (`optout-relay check-config` lists every problem):");
+            for problem in &unreadable.problems {
+                eprintln!("  - {problem}");
+            }
             return ExitCode::from(2);
         }
     };
     optout_relay::telemetry::init(config.log.format);
     optout_relay::install_tls_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
-            Command::CheckConfig => check_config(config).await,
+            Command::CheckConfig => unreachable!("handled above"),
             Command::Replay { dead, sink } => replay(config, dead, sink).await,
             Command::Healthcheck => healthcheck(config).await,
             Command::Status { phone } => status(config, phone.as_deref()).await,
@@ -116,15 +174,26 @@ fn main() -> ExitCode {
             Command::Resync { sink } => resync(config, &sink).await,
             Command::OptOut(args) => staff(config, args, EventKind::OptOut).await,
             Command::OptIn(args) => staff(config, args, EventKind::OptIn).await,
+            Command::SendTest { keyword, phone, url, to, messaging_service_sid } => {
+                send_test(config, keyword, &phone, url.as_deref(), &to, messaging_service_sid.as_deref()).await
+            }
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "failed");
+            // A message for the person at the terminal, not a log line.
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
@@ -143,57 +212,150 @@ async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn check_config(config: Config) -> anyhow::Result<ExitCode> {
-    let mut problems = config.problems();
-    let mut lines = Vec::new();
-    // Only a config that is valid by itself is worth testing against REDCap.
-    if problems.is_empty() {
-        if let Some(region) = config.keywords.region() {
-            for (name, cfg) in config.sinks() {
-                let SinkConfig::Redcap(cfg) = cfg else { continue };
-                match RedcapSink::new(&cfg, region) {
-                    Ok(sink) => {
-                        for mut line in sink.named(&name).check().await {
-                            line.message = format!("{name}: {}", line.message);
-                            if !line.ok {
-                                problems.push(line.message.clone());
-                            }
-                            lines.push(line);
-                        }
-                    }
-                    Err(e) => problems.push(format!("{name}: {e}")),
-                }
+/// What check-config found, printed once each: `ok` lines and `FAIL` lines.
+#[derive(Default)]
+struct Findings {
+    lines: Vec<(&'static str, String)>,
+}
+
+impl Findings {
+    fn ok(&mut self, message: String) {
+        self.lines.push(("ok  ", message));
+    }
+    fn fail(&mut self, message: String) {
+        self.lines.push(("FAIL", message));
+    }
+    fn skip(&mut self, message: String) {
+        self.lines.push(("skip", message));
+    }
+    fn failures(&self) -> usize {
+        self.lines.iter().filter(|(tag, _)| *tag == "FAIL").count()
+    }
+}
+
+/// Every problem in one run: the file and environment as read (every
+/// unknown key, every missing value), the configuration's own checks, what
+/// the service needs to work for Twilio (a credential, a real public URL),
+/// the database, and each REDCap project. Exit 0 only when nothing failed.
+async fn check_config(loaded: Result<Config, optout_relay::config::Unreadable>) -> ExitCode {
+    let mut found = Findings::default();
+    let (config, mended_keys) = match loaded {
+        Ok(config) => (Some(config), Vec::new()),
+        Err(u) => {
+            for p in u.problems {
+                found.fail(p);
             }
+            (u.mended.map(|c| *c), u.keys)
+        }
+    };
+    let readable = mended_keys.is_empty() && found.failures() == 0;
+    let Some(config) = config else { return report(&found, None).await };
+    // A key already reported as unreadable is not reported again as empty.
+    let fresh = |p: &String| !mended_keys.iter().any(|k| p.starts_with(k.as_str()));
+    let problems = config.problems();
+    let valid = problems.is_empty();
+    for p in problems.into_iter().chain(config.first_run_problems()).filter(fresh) {
+        found.fail(p);
+    }
+    if readable {
+        check_database(&config, &mut found).await;
+        // Only a configuration valid by itself is worth testing against REDCap.
+        if valid {
+            check_redcap(&config, &mut found).await;
+        }
+    } else {
+        found.skip("database and REDCap not checked: fix the problems above first".to_owned());
+    }
+    report(&found, Some(&config)).await
+}
+
+async fn report(found: &Findings, config: Option<&Config>) -> ExitCode {
+    for (tag, message) in &found.lines {
+        println!("{tag} {message}");
+    }
+    match (found.failures(), config) {
+        (0, Some(config)) => {
+            release_sinks(config).await;
+            println!("configuration OK");
+            ExitCode::SUCCESS
+        }
+        (n, _) => {
+            println!("{n} problem(s)");
+            ExitCode::from(1)
         }
     }
-    for line in &lines {
-        println!("{} {}", if line.ok { "ok  " } else { "FAIL" }, line.message);
+}
+
+/// Reachable, and with this version's schema or one `serve` will migrate to.
+/// A SQLite file that does not exist yet is fine where `serve` can create it.
+async fn check_database(config: &Config, found: &mut Findings) {
+    let db = &config.database;
+    match optout_relay::store::sqlite_file(db) {
+        Err(e) => return found.fail(format!("database: {e}")),
+        Ok(Some(path)) if !path.exists() => {
+            let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+            let dir = shown.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            return if dir.is_dir() {
+                found.ok(format!("database: SQLite file {} does not exist yet; serve creates it", shown.display()))
+            } else {
+                found.fail(format!(
+                    "database: the directory of the SQLite file {} does not exist (database.url, OPTOUT_RELAY__DATABASE__URL)",
+                    shown.display()
+                ))
+            };
+        }
+        Ok(_) => {}
     }
-    if problems.is_empty() {
-        release_sinks(&config).await;
-        println!("configuration OK");
-        return Ok(ExitCode::SUCCESS);
+    let store = match Store::connect_lazy(db) {
+        Ok(store) => store,
+        Err(e) => return found.fail(format!("database: {e}")),
+    };
+    match store.ping().await {
+        Err(e) => found.fail(format!(
+            "database ({}): {e}; check database.url (OPTOUT_RELAY__DATABASE__URL or DATABASE_URL)",
+            store.backend()
+        )),
+        Ok(()) if store.readiness().await.migrations => {
+            found.ok(format!("database ({}): reachable, schema up to date", store.backend()))
+        }
+        Ok(()) if db.run_migrations_on_start => {
+            found.ok(format!("database ({}): reachable; serve applies the migrations at start", store.backend()))
+        }
+        Ok(()) => found.fail(format!(
+            "database ({}): reachable but not migrated and database.run_migrations_on_start is false: \
+             run optout-relay migrate",
+            store.backend()
+        )),
     }
-    println!("{} problem(s):", problems.len());
-    for p in &problems {
-        println!("  - {p}");
+    store.close().await;
+}
+
+/// Asks every REDCap project: token, fields, events, the field's validation.
+async fn check_redcap(config: &Config, found: &mut Findings) {
+    let Some(region) = config.keywords.region() else { return };
+    for (name, cfg) in config.sinks() {
+        let SinkConfig::Redcap(cfg) = cfg else { continue };
+        match RedcapSink::new(&cfg, region) {
+            Ok(sink) => {
+                for line in sink.named(&name).check().await {
+                    let message = format!("{name}: {}", line.message);
+                    if line.ok {
+                        found.ok(message);
+                    } else {
+                        found.fail(message);
+                    }
+                }
+            }
+            Err(e) => found.fail(format!("{name}: {e}")),
+        }
     }
-    Ok(ExitCode::from(1))
 }
 
 /// A configuration that passes its checks (a token fixed, say) makes every
 /// sink due at once for a running `serve`, instead of waiting out a backoff.
-/// Best effort: `check-config` also runs where no database is reachable.
+/// Best effort, and only in a database that exists.
 async fn release_sinks(config: &Config) {
-    // Never create an SQLite file just to say nothing is waiting in it.
-    let url = config.database.url.expose_secret();
-    if let Some(rest) = url.strip_prefix("sqlite:") {
-        let path = rest.trim_start_matches("//").split('?').next().unwrap_or_default();
-        if path.is_empty() || path == ":memory:" || !std::path::Path::new(path).exists() {
-            return;
-        }
-    }
-    let Ok(store) = Store::connect_lazy(&config.database) else { return };
+    let Ok(store) = Store::open_existing(&config.database).await else { return };
     for (name, _) in config.sinks() {
         if let Ok(true) = store.release_sink(&name).await {
             println!("ok   {name}: due now for a running serve");
@@ -207,7 +369,7 @@ async fn replay(config: Config, dead: bool, sink: Option<String>) -> anyhow::Res
         eprintln!("nothing to do: pass --dead to re-queue dead-lettered deliveries");
         return Ok(ExitCode::from(2));
     }
-    let store = Store::connect_lazy(&config.database)?;
+    let store = Store::open_existing(&config.database).await?;
     let n = store.replay_dead(sink.as_deref()).await?;
     store.close().await;
     println!("re-queued {n} dead deliveries");
@@ -227,9 +389,7 @@ fn sinks_of(config: &Config) -> anyhow::Result<Vec<Arc<Sink>>> {
 
 async fn status(config: Config, raw: Option<&str>) -> anyhow::Result<ExitCode> {
     let sinks = sinks_of(&config)?;
-    let store = Store::connect_lazy(&config.database)?;
-    // A fresh directory has no tables yet: the answer is "nothing", not an error.
-    store.migrate().await?;
+    let store = Store::open_existing(&config.database).await?;
     let out = match raw {
         Some(raw) => {
             let phone = phone_arg(&config, raw)?;
@@ -247,8 +407,7 @@ async fn retry(config: Config, name: &str) -> anyhow::Result<ExitCode> {
     if !sinks.iter().any(|s| s.name == name) {
         anyhow::bail!("no sink {name:?} in the configuration");
     }
-    let store = Store::connect_lazy(&config.database)?;
-    store.migrate().await?;
+    let store = Store::open_existing(&config.database).await?;
     let known = store.release_sink(name).await?;
     store.close().await;
     if !known {
@@ -265,8 +424,7 @@ async fn resync(config: Config, name: &str) -> anyhow::Result<ExitCode> {
     let sinks = sinks_of(&config)?;
     let sink =
         sinks.iter().find(|s| s.name == name).with_context(|| format!("no sink {name:?} in the configuration"))?;
-    let store = Store::connect_lazy(&config.database)?;
-    store.migrate().await?;
+    let store = Store::open_existing(&config.database).await?;
     let late = chrono::Utc::now()
         + chrono::Duration::from_std(config.relay.recheck_late).unwrap_or(chrono::Duration::minutes(10));
     let report = resync::run(&store, sink, late).await;
@@ -280,13 +438,75 @@ async fn staff(config: Config, args: StaffArgs, kind: EventKind) -> anyhow::Resu
         anyhow::bail!("--source must name who recorded this");
     }
     let phone = phone_arg(&config, &args.phone)?;
-    let store = Store::connect_lazy(&config.database)?;
-    store.migrate().await?;
+    let store = Store::open_existing(&config.database).await?;
     let event = ops::staff_event(phone, kind, args.scope, args.note, &args.source);
     let id = ops::record(&store, event).await?;
     store.close().await;
     println!("recorded {} as event {id}; a running `serve` relays it", kind.as_str());
     Ok(ExitCode::SUCCESS)
+}
+
+async fn send_test(
+    config: Config,
+    keyword: ops::TestKeyword,
+    phone: &str,
+    url: Option<&str>,
+    to: &str,
+    messaging_service_sid: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let phone = phone_arg(&config, phone)?;
+    let Some(token) = config.twilio.auth_tokens.first() else {
+        anyhow::bail!("no Twilio Auth Token to sign with: set OPTOUT_RELAY__TWILIO__AUTH_TOKENS (twilio.auth_tokens)");
+    };
+    let url = ops::webhook_url(&config, url);
+    let form = ops::test_webhook(keyword, &phone, to, messaging_service_sid);
+    let signature = optout_relay::twilio::signature::compute(token.expose_secret(), &url, &form);
+    let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(&form).finish();
+    let sid = form.iter().find(|(k, _)| k == "MessageSid").map_or("", |(_, v)| v.as_str());
+    println!("POST {url}");
+    println!(
+        "  {} from {} to {to}, MessageSid {sid}, signed with the first of twilio.auth_tokens",
+        keyword.as_str(),
+        phone
+    );
+    // Twilio waits 15 s for an answer; so does this.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+    let res = client
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    let res = match res {
+        Ok(res) => res,
+        Err(e) => {
+            println!("no answer: {e:#}");
+            println!("Is `optout-relay serve` running, and does {url} reach it?");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let status = res.status();
+    let text = res.text().await.unwrap_or_default();
+    println!("{status}");
+    if !text.is_empty() {
+        println!("{text}");
+    }
+    let hint = match status.as_u16() {
+        200 if keyword == ops::TestKeyword::Help => "recorded (HELP changes nothing downstream)".to_owned(),
+        200 => format!("recorded: `optout-relay status {}` shows it and what each sink should hold", phone.as_str()),
+        403 => "refused as Twilio's own webhooks would be: the service checks the signature against \
+                its server.public_url (and alternate_public_urls) + the path it received. Check that \
+                public_url is exactly the URL Twilio calls (scheme, host, port, path prefix), that the \
+                proxy keeps the path and query, and that both sides use the same Auth Token; the \
+                service's log names the URLs it tried"
+            .to_owned(),
+        404 => "nothing answers this path: is the proxy forwarding /twilio/messages to the service?".to_owned(),
+        503 => "the service could not store the event (database unavailable?): see its log and /readyz".to_owned(),
+        _ => "unexpected answer: see the service's log".to_owned(),
+    };
+    println!("{hint}");
+    Ok(if status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn healthcheck(config: Config) -> anyhow::Result<ExitCode> {

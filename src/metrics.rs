@@ -45,6 +45,12 @@ fn describe() {
         "Age of the oldest pending delivery, by sink: the FCC's 10-business-day clock"
     );
     describe_gauge!("optout_dead_deliveries", "Dead-lettered deliveries awaiting an operator, by sink");
+    describe_gauge!("optout_sink_up", "1 while the sink works, 0 while it is backing off or misconfigured, by sink");
+    describe_gauge!(
+        "optout_sink_failing_seconds",
+        Unit::Seconds,
+        "How long the sink's current run of failures has lasted (0 while it works), by sink"
+    );
     describe_gauge!(
         "optout_queue_stats_up",
         "1 when the queue gauges (pending, oldest age, dead) were read from the store at this scrape; \
@@ -62,6 +68,44 @@ fn describe() {
     );
     describe_histogram!("optout_webhook_duration_seconds", Unit::Seconds, "Webhook handling time");
     describe_histogram!("optout_sink_call_duration_seconds", Unit::Seconds, "Calls to a sink's API, by sink and call");
+}
+
+/// Every webhook outcome (`ApiError::outcome` and the handler's 200s).
+pub const WEBHOOK_OUTCOMES: &[&str] =
+    &["accepted", "duplicate", "ignored", "bad_signature", "rejected", "store_unavailable"];
+/// Every event kind (`EventKind::as_str`).
+pub const EVENT_KINDS: &[&str] = &["opt_out", "opt_in", "help"];
+/// Every outcome of a (sink, phone) row (see [`delivery`]).
+pub const DELIVERY_OUTCOMES: &[&str] = &["written", "unchanged", "uncertain", "failed", "dead"];
+
+/// Creates every counter at 0 for its known labels, so that `/metrics`
+/// shows every series from the start: `rate()` and `increase()` need a first
+/// sample of 0, and an operator looking at a fresh service sees what will be
+/// counted. Gauges are set at each scrape; task panic counters when the task
+/// starts ([`task_started`]). Histograms appear with their first observation
+/// (the exporter renders none before; a made-up 0 s sample would be a lie).
+pub fn register(sinks: &[&str]) {
+    if handle().is_none() {
+        return;
+    }
+    for outcome in WEBHOOK_OUTCOMES {
+        metrics::counter!("optout_webhooks_total", "outcome" => *outcome).absolute(0);
+    }
+    for kind in EVENT_KINDS {
+        metrics::counter!("optout_events_total", "kind" => *kind).absolute(0);
+    }
+    for sink in sinks {
+        for outcome in DELIVERY_OUTCOMES {
+            metrics::counter!("optout_deliveries_total", "sink" => (*sink).to_owned(), "outcome" => *outcome)
+                .increment(0);
+        }
+        metrics::counter!("optout_delivery_attempts_total", "sink" => (*sink).to_owned()).increment(0);
+    }
+}
+
+/// A supervised task started: its panic counter shows 0 until it panics.
+pub fn task_started(task: &str) {
+    metrics::counter!("optout_task_panics_total", "task" => task.to_owned()).increment(0);
 }
 
 pub fn webhook(outcome: &'static str) {

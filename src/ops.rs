@@ -170,3 +170,134 @@ pub async fn record(store: &Store, event: NewEvent) -> Result<i64, StoreError> {
         _ => Err(StoreError::Query("event was not recorded".into())),
     }
 }
+
+/// The path of the inbound-message webhook, below `server.public_url`.
+pub const WEBHOOK_PATH: &str = "/twilio/messages";
+
+/// Twilio's magic test number: what `send-test` says was texted when no
+/// `--to` is given (the scope of the event, unless a Messaging Service is named).
+pub const TEST_TO: &str = "+15005550006";
+
+/// The keyword `send-test` sends, as Advanced Opt-Out reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "UPPER")]
+pub enum TestKeyword {
+    Stop,
+    Start,
+    Help,
+}
+
+impl TestKeyword {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TestKeyword::Stop => "STOP",
+            TestKeyword::Start => "START",
+            TestKeyword::Help => "HELP",
+        }
+    }
+}
+
+/// The URL Twilio would call: `--url` when given, else `server.public_url` +
+/// [`WEBHOOK_PATH`], else the listen address (a service without `public_url`
+/// checks signatures against the Host it is called on). A `#fragment` of
+/// connection overrides is Twilio's, never sent: it is dropped.
+pub fn webhook_url(config: &crate::config::Config, url: Option<&str>) -> String {
+    let full = match (url, config.server.public_url.as_deref()) {
+        (Some(url), _) => url.to_owned(),
+        (None, Some(base)) => {
+            let base = base.split('#').next().unwrap_or(base);
+            format!("{}{WEBHOOK_PATH}", base.trim_end_matches('/'))
+        }
+        (None, None) => {
+            let mut addr = config.server.listen;
+            // A wildcard listen address is reached through loopback.
+            if addr.ip().is_unspecified() {
+                addr.set_ip(if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            format!("http://{addr}{WEBHOOK_PATH}")
+        }
+    };
+    match full.split_once('#') {
+        Some((url, _)) => url.to_owned(),
+        None => full,
+    }
+}
+
+/// The form of an inbound message the way Twilio's Messaging Service posts
+/// it with Advanced Opt-Out on (`OptOutType` set), a fresh `MessageSid` each
+/// time, so a repeat is a new event rather than a duplicate.
+pub fn test_webhook(
+    keyword: TestKeyword,
+    from: &Phone,
+    to: &str,
+    messaging_service_sid: Option<&str>,
+) -> Vec<(String, String)> {
+    let sid = format!("SM{:032x}", rand::random::<u128>());
+    let mut form = vec![
+        ("ToCountry", "US".to_owned()),
+        ("SmsMessageSid", sid.clone()),
+        ("NumMedia", "0".to_owned()),
+        ("SmsSid", sid.clone()),
+        ("SmsStatus", "received".to_owned()),
+        ("Body", keyword.as_str().to_owned()),
+        ("To", to.to_owned()),
+        ("OptOutType", keyword.as_str().to_owned()),
+        ("NumSegments", "1".to_owned()),
+        ("MessageSid", sid),
+        ("AccountSid", format!("AC{}", "0".repeat(32))),
+        ("From", from.as_str().to_owned()),
+        ("ApiVersion", "2010-04-01".to_owned()),
+    ];
+    if let Some(service) = messaging_service_sid {
+        form.push(("MessagingServiceSid", service.to_owned()));
+    }
+    form.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::twilio::webhook::{decode_form, parse_inbound};
+
+    #[test]
+    fn the_test_webhook_reads_as_the_keyword_it_names_with_a_fresh_sid() {
+        let phone = Phone::parse("+14155550101", phonenumber::country::Id::US).unwrap();
+        let keywords = crate::twilio::keywords::Keywords::new(&crate::config::KeywordsConfig::default());
+        for (word, kind) in [
+            (TestKeyword::Stop, EventKind::OptOut),
+            (TestKeyword::Start, EventKind::OptIn),
+            (TestKeyword::Help, EventKind::Help),
+        ] {
+            let form = test_webhook(word, &phone, TEST_TO, Some("MG1"));
+            let encoded = form_urlencoded::Serializer::new(String::new()).extend_pairs(&form).finish();
+            let inbound = parse_inbound(&decode_form(encoded.as_bytes()), phonenumber::country::Id::US).unwrap();
+            assert_eq!(inbound.from, phone);
+            assert_eq!(inbound.scope(), "MG1");
+            assert_eq!(keywords.classify(inbound.opt_out_type.as_deref(), &inbound.body), Some(kind));
+        }
+        let a = test_webhook(TestKeyword::Stop, &phone, TEST_TO, None);
+        let b = test_webhook(TestKeyword::Stop, &phone, TEST_TO, None);
+        let sid = |f: &[(String, String)]| f.iter().find(|(k, _)| k == "MessageSid").unwrap().1.clone();
+        assert_ne!(sid(&a), sid(&b));
+        assert!(a.iter().all(|(k, _)| k != "MessagingServiceSid"));
+    }
+
+    #[test]
+    fn the_webhook_url_is_the_override_else_public_url_else_the_listen_address() {
+        let mut c = Config::default();
+        assert_eq!(webhook_url(&c, None), "http://127.0.0.1:8080/twilio/messages");
+        c.server.listen = "0.0.0.0:9000".parse().unwrap();
+        assert_eq!(webhook_url(&c, None), "http://127.0.0.1:9000/twilio/messages");
+        c.server.public_url = Some("https://optout.example.org/relay/#rc=3".to_owned());
+        assert_eq!(webhook_url(&c, None), "https://optout.example.org/relay/twilio/messages");
+        assert_eq!(
+            webhook_url(&c, Some("http://10.0.0.5:8080/twilio/messages")),
+            "http://10.0.0.5:8080/twilio/messages"
+        );
+    }
+}

@@ -67,6 +67,7 @@ impl Application {
         let region = config.keywords.region().ok_or_else(|| StartError::Config("keywords.default_region".into()))?;
         // `problems()` above refused a relay.lease a REDCap batch could outlive.
         let sinks = build_sinks(&config, region)?;
+        crate::metrics::register(&sinks.iter().map(|s| s.name.as_str()).collect::<Vec<_>>());
         // Notified when a change was committed: wakes the relay's fan-out.
         let recorded = Arc::new(Notify::new());
         let relay = Arc::new(Relay::new(store.clone(), sinks, config.relay.clone(), recorded.clone()));

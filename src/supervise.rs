@@ -116,6 +116,7 @@ where
     F: Fn() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    crate::metrics::task_started(&name);
     tokio::spawn(supervise(name, tasks.clone(), shutdown, task))
 }
 

@@ -187,7 +187,7 @@ impl Worker {
         let name = self.sink.name.as_str();
         let delay = backoff::probe_delay(&self.relay.policy, step, error, rand::random::<f64>());
         let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::minutes(15));
-        log_failure(name, error, delay);
+        log_failure(name, error, delay, next);
         self.relay.store.sink_failed(name, backoff::failing(error), step, next, &error.to_string()).await
     }
 
@@ -237,7 +237,19 @@ impl Worker {
                         });
                     }
                     metrics::delivery(name, "written", send.len() as u64);
-                    tracing::info!(sink = name, phones = send.len(), ms, "sink brought to target");
+                    // One line per row: an operator follows a phone by its delivery or event id.
+                    for (row, t) in &send {
+                        tracing::info!(
+                            sink = name,
+                            delivery_id = row.id,
+                            event_id = row.event_id,
+                            attempt = row.attempts + 1,
+                            opted_out = t.is_opted_out(),
+                            batch = send.len(),
+                            ms,
+                            "sink brought to target"
+                        );
+                    }
                     Called::Ok
                 }
                 Err(SinkError::OutOfTime) => {
@@ -267,6 +279,28 @@ impl Worker {
                     }
                     let outcome = if matches!(error, SinkError::Uncertain(_)) { "uncertain" } else { "failed" };
                     metrics::delivery(name, outcome, send.len() as u64);
+                    for (row, _) in &send {
+                        match &error {
+                            SinkError::Uncertain(_) => tracing::warn!(
+                                sink = name,
+                                delivery_id = row.id,
+                                event_id = row.event_id,
+                                attempt = row.attempts + 1,
+                                %error,
+                                next_attempt_at = %soon.to_rfc3339(),
+                                recheck_late_at = %late.to_rfc3339(),
+                                "write of unknown outcome; it will be re-read"
+                            ),
+                            _ => tracing::warn!(
+                                sink = name,
+                                delivery_id = row.id,
+                                event_id = row.event_id,
+                                attempt = row.attempts + 1,
+                                %error,
+                                "not written; retried when the sink's backoff ends (next_attempt_at on the sink's line)"
+                            ),
+                        }
+                    }
                     Called::Failed(error)
                 }
             }
@@ -331,11 +365,27 @@ impl Worker {
             match email.notify(&notification).await {
                 Ok(value) => {
                     metrics::delivery(name, "written", 1);
+                    tracing::info!(
+                        sink = name,
+                        delivery_id = row.id,
+                        event_id = row.event_id,
+                        attempt = row.attempts + 1,
+                        opted_out = t.is_opted_out(),
+                        "notification sent"
+                    );
                     settles.push(Settled { id: row.id, generation: row.generation, how: written(t, Some(value)) });
                     called = Called::Ok;
                 }
                 Err(error) => {
                     metrics::delivery(name, "failed", 1);
+                    tracing::warn!(
+                        sink = name,
+                        delivery_id = row.id,
+                        event_id = row.event_id,
+                        attempt = row.attempts + 1,
+                        %error,
+                        "notification not sent; retried when the sink's backoff ends (next_attempt_at on the sink's line)"
+                    );
                     settles.push(Settled {
                         id: row.id,
                         generation: row.generation,
@@ -433,20 +483,28 @@ fn written(t: Target, result: Option<Value>) -> Settle {
     Settle::Written { held: held(t), result }
 }
 
-fn log_failure(sink: &str, error: &SinkError, next: Duration) {
+/// The sink's line: its next probe, as a delay and as a time, so a row's
+/// line (delivery id, attempt) and this one say when it is tried again.
+fn log_failure(sink: &str, error: &SinkError, next: Duration, at: DateTime<Utc>) {
     let next = humantime::format_duration(Duration::from_secs(next.as_secs())).to_string();
+    let at = at.to_rfc3339();
     match error {
         SinkError::Misconfigured(_) => tracing::error!(
             sink,
             %error,
             next_try = %next,
+            next_attempt_at = %at,
             "sink refuses our requests: fix the configuration, then restart or run `optout-relay retry {sink}`"
         ),
-        SinkError::Uncertain(_) => {
-            tracing::warn!(sink, %error, next_try = %next, "sink write may or may not have landed; it will be re-read")
-        }
+        SinkError::Uncertain(_) => tracing::warn!(
+            sink,
+            %error,
+            next_try = %next,
+            next_attempt_at = %at,
+            "sink write may or may not have landed; it will be re-read"
+        ),
         SinkError::Transient { .. } | SinkError::OutOfTime => {
-            tracing::warn!(sink, %error, next_try = %next, "sink failing; backing off")
+            tracing::warn!(sink, %error, next_try = %next, next_attempt_at = %at, "sink failing; backing off")
         }
     }
 }

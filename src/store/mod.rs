@@ -117,6 +117,11 @@ impl Store {
     /// Opens a pool without connecting yet, so the service can start (and
     /// report not-ready) while the database is still coming up.
     pub fn connect_lazy(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
+        Store::connect(cfg, true)
+    }
+
+    /// `create`: whether a missing SQLite file may be created (as the URL's `mode=rwc` asks).
+    fn connect(cfg: &DatabaseConfig, create: bool) -> Result<Store, StoreError> {
         let url = cfg.url.expose_secret();
         let bad_url = |e: sqlx::Error| StoreError::Query(format!("bad database url: {e}"));
         let pool = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -139,6 +144,7 @@ impl Store {
                 .synchronous(SqliteSynchronous::Full)
                 .foreign_keys(true)
                 .busy_timeout(Duration::from_secs(5));
+            let opts = if create { opts } else { opts.create_if_missing(false) };
             Pool::Sqlite(
                 SqlitePoolOptions::new()
                     .max_connections(cfg.max_connections.max(1))
@@ -149,6 +155,44 @@ impl Store {
             return Err(StoreError::Query("database.url must be postgres://… or sqlite:…".into()));
         };
         Ok(Store { pool })
+    }
+
+    /// Opens a database that `serve` or `migrate` already created, for the
+    /// operator commands: never creates an SQLite file (the default URL says
+    /// `mode=rwc`, which would leave an empty database behind and fail later
+    /// with "no such table"), and refuses a database without this version's
+    /// schema. The errors say where it looked and what to do.
+    pub async fn open_existing(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
+        if let Some(path) = sqlite_file(cfg)? {
+            if !path.exists() {
+                return Err(StoreError::Unavailable(format!(
+                    "no database at {} (database.url names it relative to the working directory): \
+                     run this where `optout-relay serve` runs, point OPTOUT_RELAY__DATABASE__URL (or \
+                     DATABASE_URL) at its database, or create it with `optout-relay migrate`",
+                    absolute(&path).display()
+                )));
+            }
+        }
+        let store = Store::connect(cfg, false)?;
+        if let Err(e) = store.ping().await {
+            store.close().await;
+            return Err(e);
+        }
+        if !store.readiness().await.migrations {
+            store.close().await;
+            return Err(StoreError::Unavailable(
+                "the database has no schema for this version: run `optout-relay migrate` (or start \
+                 `serve`, which applies migrations) first"
+                    .to_owned(),
+            ));
+        }
+        Ok(store)
+    }
+
+    /// One round trip: the error says why the database cannot be reached.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
+            .map_err(|e| StoreError::Unavailable(format!("cannot reach the database: {e}")))
     }
 
     pub fn backend(&self) -> &'static str {
@@ -186,4 +230,23 @@ impl Store {
     pub async fn close(&self) {
         on_pool!(self, pool => pool.close().await)
     }
+}
+
+/// The file an SQLite URL names (`None` for PostgreSQL or an in-memory database).
+pub fn sqlite_file(cfg: &DatabaseConfig) -> Result<Option<std::path::PathBuf>, StoreError> {
+    let url = cfg.url.expose_secret();
+    if !url.starts_with("sqlite:") {
+        return Ok(None);
+    }
+    let opts = SqliteConnectOptions::from_str(url).map_err(|e| StoreError::Query(format!("bad database url: {e}")))?;
+    let path = opts.get_filename();
+    if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" || url.contains("mode=memory") {
+        return Ok(None);
+    }
+    Ok(Some(path.to_path_buf()))
+}
+
+/// The path as the operator should look for it (relative to the working directory).
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }

@@ -9,6 +9,9 @@ use crate::common::{eventually, eventually_some, send_signed, stop_params, PUBLI
 
 const BIN: &str = env!("CARGO_BIN_EXE_optout-relay");
 
+/// A public URL that is not the example's placeholder, for a `check-config` that passes.
+const REAL_PUBLIC_URL: &str = "https://optout.hospital.test";
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -24,6 +27,34 @@ fn command(dir: &std::path::Path, port: u16) -> Command {
         .env("OPTOUT_RELAY__LOG__FORMAT", "json")
         .env("RUST_LOG", "debug,hyper=info,sqlx=warn,reqwest=info");
     c
+}
+
+/// A spawned `serve` that is killed if the test ends before it stopped it:
+/// a failed assertion must not leave a server behind holding the test
+/// runner's pipes (the runner would then wait for it forever).
+struct Running(Mutex<Child>);
+
+impl Running {
+    fn new(child: Child) -> Running {
+        Running(Mutex::new(child))
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Mutex<Child>;
+    fn deref(&self) -> &Mutex<Child> {
+        &self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let child = self.0.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Polls `healthy` (the binary's own `healthcheck`) until it passes; the server must not exit meanwhile.
@@ -57,7 +88,7 @@ async fn serve_on_the_embedded_default_answers_then_stops_cleanly_on_sigterm() {
     optout_relay::install_tls_provider();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let child = Mutex::new(command(dir.path(), port).arg("serve").stderr(Stdio::piped()).spawn().unwrap());
+    let child = Running::new(command(dir.path(), port).arg("serve").stderr(Stdio::piped()).spawn().unwrap());
     wait_healthy(&child, || healthcheck(dir.path(), port)).await;
 
     // A signed STOP over real HTTP to the real binary.
@@ -89,7 +120,7 @@ fn healthcheck_fails_when_nothing_listens() {
 async fn serve_without_a_token_starts_but_warns_loudly() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let child = Mutex::new(
+    let child = Running::new(
         command(dir.path(), port)
             .env_remove("OPTOUT_RELAY__TWILIO__AUTH_TOKENS")
             .arg("serve")
@@ -127,7 +158,114 @@ fn check_config_lists_every_problem() {
     std::fs::write(&file, "[server]\nlisten_addr = \"127.0.0.1:1\"\n").unwrap();
     let out = command(dir.path(), free_port()).args(["check-config", "--config"]).arg(&file).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("listen_addr"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listen_addr"));
+    // Another command refuses to start, listing the problems as plain lines.
+    let out = command(dir.path(), free_port()).args(["serve", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("  - server.listen_addr in ") && err.contains("check-config"), "{err}");
+}
+
+/// check-config fails on what would leave the service unable to work, lists
+/// every problem of a file that does not read in one run, with the variable
+/// to set, and shows each REDCap failure once.
+#[test]
+fn check_config_fails_when_the_service_could_not_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |tweak: &dyn Fn(&mut Command)| {
+        let mut c = command(dir.path(), free_port());
+        c.env("OPTOUT_RELAY__SERVER__PUBLIC_URL", REAL_PUBLIC_URL);
+        tweak(&mut c);
+        let out = c.arg("check-config").output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (code, text) = check(&|_| {});
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("does not exist yet; serve creates it"), "{text}");
+    assert!(!dir.path().join("optout-relay.db").exists(), "check-config created the database");
+
+    let (code, text) = check(&|c| {
+        c.env_remove("OPTOUT_RELAY__TWILIO__AUTH_TOKENS");
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL no Twilio credential") && text.contains("OPTOUT_RELAY__TWILIO__AUTH_TOKENS"), "{text}");
+
+    let (code, text) = check(&|c| {
+        c.env("OPTOUT_RELAY__SERVER__PUBLIC_URL", "https://optout.example.org");
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL server.public_url https://optout.example.org is the example's placeholder"), "{text}");
+
+    let (code, text) = check(&|c| {
+        c.env("OPTOUT_RELAY__DATABASE__URL", "postgres://postgres@127.0.0.1:1/nothing_listens")
+            .env("OPTOUT_RELAY__DATABASE__ACQUIRE_TIMEOUT", "1s");
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL database (postgres): ") && text.contains("OPTOUT_RELAY__DATABASE__URL"), "{text}");
+    let (code, text) = check(&|c| {
+        c.env("OPTOUT_RELAY__DATABASE__URL", "sqlite://no/such/dir/relay.db?mode=rwc");
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL database: the directory of the SQLite file"), "{text}");
+
+    // A file with several mistakes and a token left out: all of them at once, each once.
+    let file = dir.path().join("typos.toml");
+    std::fs::write(&file, "[server]\nlisten_adress = \"0.0.0.0:8080\"\n[relay]\nworkrs = 2\n[redcap]\nurl = \"https://r.hospital.test/api/\"\nphone_field = \"phone\"\n").unwrap();
+    let (code, text) = check(&|c| {
+        c.args(["--config", file.to_str().unwrap()]);
+    });
+    assert_eq!(code, Some(1), "{text}");
+    for needle in [
+        "FAIL server.listen_adress in ",
+        "FAIL relay.workrs in ",
+        "FAIL redcap.optout_field is missing: set optout_field in [redcap] or the environment variable OPTOUT_RELAY__REDCAP__OPTOUT_FIELD",
+        "FAIL redcap.token is empty (set OPTOUT_RELAY__REDCAP__TOKEN)",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in\n{text}");
+    }
+    assert!(!text.contains('`') && !text.contains("default."), "{text}");
+    assert!(text.contains("4 problem(s)"), "{text}");
+}
+
+/// Operator commands open the database `serve` or `migrate` made, and create none.
+#[test]
+fn operator_commands_refuse_a_database_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["status"][..], &["status", "+14155550101"], &["opt-out", "+14155550101"], &["replay", "--dead"]] {
+        let out = command(dir.path(), free_port()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        let expected =
+            format!("error: store unavailable: no database at {}", dir.path().join("optout-relay.db").display());
+        assert!(err.starts_with(&expected) && err.contains("optout-relay migrate"), "{args:?}: {err}");
+        assert!(!err.contains("\u{1b}["), "colour codes in a pipe: {err:?}");
+        assert!(!dir.path().join("optout-relay.db").exists(), "{args:?} created the database");
+    }
+    // An existing file without the schema is not quietly migrated either.
+    std::fs::write(dir.path().join("optout-relay.db"), b"").unwrap();
+    let out = command(dir.path(), free_port()).arg("status").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no schema for this version"));
+}
+
+/// Pretty logs written to a pipe carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_logs_into_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Running::new(
+        command(dir.path(), port)
+            .env("OPTOUT_RELAY__LOG__FORMAT", "pretty")
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+    assert!(terminate(&child).await.success());
+    let logs = stderr_of(&child);
+    assert!(logs.contains("INFO") && logs.contains("handled"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "colour codes in a pipe: {logs:?}");
 }
 
 #[test]
@@ -156,6 +294,7 @@ fn check_config_asks_redcap_and_refuses_a_date_only_field() {
     let dir = tempfile::tempdir().unwrap();
     let run = |url: &str, tok: &str| {
         command(dir.path(), free_port())
+            .env("OPTOUT_RELAY__SERVER__PUBLIC_URL", REAL_PUBLIC_URL)
             .env("OPTOUT_RELAY__REDCAP__URL", url)
             .env("OPTOUT_RELAY__REDCAP__TOKEN", tok)
             .env("OPTOUT_RELAY__REDCAP__PHONE_FIELD", "phone")
@@ -173,7 +312,17 @@ fn check_config_asks_redcap_and_refuses_a_date_only_field() {
     let out = run(&date_only.url, token);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("FAIL"), "{text}");
+    // Each failure is printed once, and the count says how many there are.
+    let fails: Vec<&str> = text.lines().filter(|l| l.starts_with("FAIL ")).collect();
+    assert!(fails.iter().any(|l| l.starts_with("FAIL redcap: ")), "{text}");
+    let mut unique = fails.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), fails.len(), "{text}");
+    assert!(text.contains(&format!("\n{} problem(s)", fails.len())), "{text}");
+    for fail in &fails {
+        assert_eq!(text.matches(&fail["FAIL ".len()..]).count(), 1, "said twice: {fail}\n{text}");
+    }
 
     let out = run(&good.url, "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -240,7 +389,7 @@ async fn the_images_start_and_healthcheck_commands_work_as_written() {
     };
     let healthy = || run(&image.healthcheck).stderr(Stdio::null()).status().unwrap().success();
     assert!(!healthy(), "unhealthy before start");
-    let server = Mutex::new(run(&image.start).stderr(Stdio::piped()).spawn().unwrap());
+    let server = Running::new(run(&image.start).stderr(Stdio::piped()).spawn().unwrap());
     wait_healthy(&server, healthy).await;
     assert!(terminate(&server).await.success(), "SIGTERM (docker stop) exits 0");
     let logs = stderr_of(&server);
@@ -256,6 +405,7 @@ fn operator_commands_answer_without_a_server() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let run = |args: &[&str]| command(dir.path(), port).args(args).output().unwrap();
+    assert!(run(&["migrate"]).status.success());
     let out = run(&["opt-out", "(415) 555-0188", "--note", "called in", "--source", "desk:amy"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run(&["status", "415.555.0188"]);
@@ -322,7 +472,7 @@ async fn sink_commands_report_release_and_refuse_clearly() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let server = Mutex::new(
+    let server = Running::new(
         with_unreachable_redcap(&mut command(dir.path(), port)).arg("serve").stderr(Stdio::null()).spawn().unwrap(),
     );
     wait_healthy(&server, || healthcheck(dir.path(), port)).await;
@@ -398,6 +548,7 @@ const STUDY_A_TOKEN: &str = "0123456789ABCDEF0123456789ABCDEF";
 
 fn check_named_sink(dir: &std::path::Path, file: &std::path::Path, token: Option<&str>) -> std::process::Output {
     let mut c = command(dir, free_port());
+    c.env("OPTOUT_RELAY__SERVER__PUBLIC_URL", REAL_PUBLIC_URL);
     if let Some(t) = token {
         c.env("OPTOUT_RELAY__SINKS__STUDY_A__TOKEN", t);
     }
@@ -461,4 +612,210 @@ fn check_config_asks_redcap_about_a_named_sink() {
     let out = check_named_sink(dir.path(), &named_sink_file(dir.path(), &good.url), Some(&"F".repeat(32)));
     assert!(!out.status.success(), "a refused token fails the check");
     drop(rt);
+}
+
+/// `send-test` signs as Twilio does for the configured public URL and posts
+/// to the running service: 200 and a real event on the right configuration,
+/// 403 and a hint naming public_url on the wrong one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_posts_a_signed_webhook_and_prints_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let public = format!("http://127.0.0.1:{port}");
+    let with_public = |c: &mut Command| {
+        c.env("OPTOUT_RELAY__SERVER__PUBLIC_URL", &public);
+    };
+    let mut serve = command(dir.path(), port);
+    with_public(&mut serve);
+    let child = Running::new(serve.arg("serve").stderr(Stdio::piped()).spawn().unwrap());
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+
+    let run = |args: &[&str], tweak: &dyn Fn(&mut Command)| {
+        let mut c = command(dir.path(), port);
+        with_public(&mut c);
+        tweak(&mut c);
+        c.args(args).output().unwrap()
+    };
+    let out = run(&["send-test", "STOP", "(415) 555-0123"], &|_| {});
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("POST {public}/twilio/messages")), "{text}");
+    assert!(text.contains("200 OK") && text.contains("<Response></Response>"), "{text}");
+    assert!(text.contains("optout-relay status +14155550123"), "{text}");
+    let status = stdout_json(&run(&["status", "+14155550123"], &|_| {}));
+    assert_eq!(status["opted_out"], true, "{status}");
+    assert_eq!(status["events"][0]["source"], "twilio");
+    assert_eq!(status["events"][0]["scope"], "+15005550006");
+
+    // START through --url, naming a Messaging Service: the opt-out is taken back in that scope.
+    let url = format!("{public}/twilio/messages");
+    let out = run(&["send-test", "START", "+14155550123", "--url", &url, "--messaging-service-sid", "MGtest"], &|_| {});
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let status = stdout_json(&run(&["status", "+14155550123"], &|_| {}));
+    assert_eq!(status["events"][0]["kind"], "opt_in", "{status}");
+    assert_eq!(status["events"][0]["scope"], "MGtest", "{status}");
+
+    // A token the service does not have: refused as Twilio's would be, with the likely causes.
+    let out = run(&["send-test", "STOP", "+14155550124"], &|c| {
+        c.env("OPTOUT_RELAY__TWILIO__AUTH_TOKENS", "not-the-token");
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("403 Forbidden") && text.contains("server.public_url"), "{text}");
+    // The URL the client signs for is not the one the service knows (another host name, say).
+    let other = format!("http://localhost:{port}/twilio/messages");
+    let out = run(&["send-test", "STOP", "+14155550124", "--url", &other], &|_| {});
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("403"));
+    // No token at all: a plain message, not a request.
+    let out = run(&["send-test", "HELP", "+14155550124"], &|c| {
+        c.env_remove("OPTOUT_RELAY__TWILIO__AUTH_TOKENS");
+    });
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OPTOUT_RELAY__TWILIO__AUTH_TOKENS"));
+    let refused = stdout_json(&run(&["status", "+14155550124"], &|_| {}));
+    assert_eq!(refused["events"].as_array().map(Vec::len), Some(0), "{refused}");
+    assert!(terminate(&child).await.success());
+
+    // Nothing listening: said so, non-zero.
+    let out = run(&["send-test", "STOP", "+14155550125"], &|_| {});
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Is `optout-relay serve` running"));
+}
+
+/// Before any request, `/metrics` describes every series and shows each
+/// counter at 0 for its known labels (per configured sink, per task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_describe_every_series_from_the_start() {
+    optout_relay::install_tls_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Running::new(
+        with_unreachable_redcap(&mut command(dir.path(), port)).arg("serve").stderr(Stdio::null()).spawn().unwrap(),
+    );
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+    let scrape =
+        || async { reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap() };
+    // The relay's workers start once migrations are applied and the sinks registered.
+    let text = eventually_some("the relay worker's panic counter", || async {
+        let text = scrape().await;
+        text.contains("optout_task_panics_total{task=\"relay-redcap-0\"} 0\n").then_some(text)
+    })
+    .await;
+    assert!(terminate(&child).await.success());
+    for series in [
+        "optout_webhooks_total",
+        "optout_events_total",
+        "optout_deliveries_total",
+        "optout_delivery_attempts_total",
+        "optout_pending_deliveries",
+        "optout_oldest_pending_delivery_age_seconds",
+        "optout_dead_deliveries",
+        "optout_sink_up",
+        "optout_sink_failing_seconds",
+        "optout_task_panics_total",
+        "optout_queue_stats_up",
+        "optout_queue_stats_last_success_timestamp_seconds",
+    ] {
+        assert!(text.contains(&format!("# HELP {series} ")), "{series} not described:\n{text}");
+    }
+    for outcome in optout_relay::metrics::WEBHOOK_OUTCOMES {
+        assert!(text.contains(&format!("optout_webhooks_total{{outcome=\"{outcome}\"}} 0\n")), "{outcome}:\n{text}");
+    }
+    for kind in ["opt_out", "opt_in", "help"] {
+        assert!(text.contains(&format!("optout_events_total{{kind=\"{kind}\"}} 0\n")), "{kind}:\n{text}");
+    }
+    for outcome in optout_relay::metrics::DELIVERY_OUTCOMES {
+        let line = format!("optout_deliveries_total{{sink=\"redcap\",outcome=\"{outcome}\"}} 0\n");
+        assert!(text.contains(&line), "{line}\n{text}");
+    }
+    assert!(text.contains("optout_delivery_attempts_total{sink=\"redcap\"} 0\n"), "{text}");
+    assert!(text.contains("optout_task_panics_total{task=\"batch-writer-0\"} 0\n"), "{text}");
+    assert!(text.contains("optout_pending_deliveries{sink=\"redcap\"} 0\n"), "{text}");
+}
+
+/// The relay's lines name the delivery (row) id, the event id and the
+/// attempt; a failure's lines say when the next attempt comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_log_lines_carry_the_delivery_the_event_the_attempt_and_the_next_attempt() {
+    use crate::common::fake_redcap::{FakeProject, FakeRedcap, Fault};
+    optout_relay::install_tls_provider();
+    let token = "0123456789ABCDEF0123456789ABCDEF";
+    let redcap = FakeRedcap::start(
+        FakeProject::new(
+            token,
+            &[("record_id", "f", ""), ("phone", "f", ""), ("opted_out_at", "f", "datetime_seconds_ymd")],
+        )
+        .with_record("1", None, &[("phone", "(415) 555-0177"), ("opted_out_at", "")])
+        .with_record("2", None, &[("phone", "(415) 555-0178"), ("opted_out_at", "")]),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let configured = || {
+        let mut c = command(dir.path(), port);
+        c.env("OPTOUT_RELAY__REDCAP__URL", &redcap.url)
+            .env("OPTOUT_RELAY__REDCAP__TOKEN", token)
+            .env("OPTOUT_RELAY__REDCAP__PHONE_FIELD", "phone")
+            .env("OPTOUT_RELAY__REDCAP__OPTOUT_FIELD", "opted_out_at");
+        c
+    };
+    let child = Running::new(
+        configured()
+            .env("OPTOUT_RELAY__RELAY__RETRY_BASE", "30s")
+            .env("OPTOUT_RELAY__RELAY__RETRY_CAP", "60s")
+            // Read only at the end: few enough lines that the pipe never fills.
+            .env("RUST_LOG", "info,sqlx=warn")
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+    let url = format!("http://127.0.0.1:{port}/twilio/messages");
+    let client = reqwest::Client::new();
+    let stop = stop_params("SMlog1", "+14155550177", "STOP", Some("STOP"));
+    assert_eq!(send_signed(&client, &url, &stop).await, 200);
+    eventually("the first record stamped", || async {
+        redcap.value("1", None, "opted_out_at").is_some_and(|v| !v.is_empty())
+    })
+    .await;
+
+    redcap.set_fault(Fault::Status500);
+    let stop = stop_params("SMlog2", "+14155550178", "STOP", Some("STOP"));
+    assert_eq!(send_signed(&client, &url, &stop).await, 200);
+    let status = || {
+        let out = configured().args(["status", "+14155550178"]).output().unwrap();
+        stdout_json(&out)
+    };
+    eventually("the second phone's failed attempt recorded", || async {
+        status()["sinks"][0]["last_error"].is_string()
+    })
+    .await;
+    assert!(terminate(&child).await.success());
+
+    let logs = stderr_of(&child);
+    let lines: Vec<serde_json::Value> = logs.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let with = |message: &str| lines.iter().filter(|l| l["message"] == message).cloned().collect::<Vec<_>>();
+    let written = with("sink brought to target");
+    assert_eq!(written.len(), 1, "{logs}");
+    let w = &written[0];
+    assert_eq!(
+        (w["sink"].as_str(), w["attempt"].as_i64(), w["opted_out"].as_bool()),
+        (Some("redcap"), Some(1), Some(true)),
+        "{w}"
+    );
+    assert!(w["delivery_id"].as_i64().is_some() && w["event_id"].as_i64().is_some(), "{w}");
+
+    let failed = with("not written; retried when the sink's backoff ends (next_attempt_at on the sink's line)");
+    assert!(!failed.is_empty(), "{logs}");
+    let f = &failed[0];
+    assert_eq!(f["attempt"].as_i64(), Some(1), "{f}");
+    assert!(f["delivery_id"].as_i64().is_some() && f["event_id"].as_i64() > w["event_id"].as_i64(), "{f}");
+    assert_ne!(f["delivery_id"], w["delivery_id"]);
+    let sink_line = with("sink failing; backing off");
+    let next = sink_line[0]["next_attempt_at"].as_str().unwrap_or_else(|| panic!("{logs}"));
+    let next = chrono::DateTime::parse_from_rfc3339(next).unwrap();
+    assert!(next > chrono::Utc::now() + chrono::Duration::seconds(10), "30s ± 20% from the failure: {next}");
+    assert!(!logs.contains("+14155550177") && !logs.contains("+14155550178"), "phones unmasked");
 }

@@ -221,3 +221,106 @@ fn email_ca_file_must_be_a_pem_certificate_used_with_tls() {
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].contains("no PEM certificate"), "{problems:?}");
 }
+
+/// `.env.example` and the README name the same keys and values, every
+/// variable either of them names is a key the service reads, and `--help`
+/// says where configuration and the database come from.
+#[test]
+fn env_example_readme_and_help_agree() {
+    if !in_child("env_example_readme_and_help_agree") {
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let example = std::fs::read_to_string(Path::new(root).join(".env.example")).unwrap();
+    let readme = std::fs::read_to_string(Path::new(root).join("README.md")).unwrap();
+    // Every variable, set or commented out, with its example value.
+    let mut vars = Vec::new();
+    for line in example.lines() {
+        let line = line.trim_start_matches('#').trim();
+        if let Some((name, value)) = line.split_once('=') {
+            if name.starts_with("OPTOUT_RELAY__") && !name.contains(' ') {
+                vars.push((name.to_owned(), value.to_owned()));
+            }
+        }
+    }
+    assert!(vars.len() > 20, "{vars:?}");
+    let value_of = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap();
+    for key in ["phone_field", "optout_field"] {
+        let value = value_of(&format!("OPTOUT_RELAY__REDCAP__{}", key.to_uppercase()));
+        assert!(
+            readme.contains(&format!("{key} = \"{value}\"")),
+            "README's [redcap] example has another {key} than {value}"
+        );
+    }
+    // The README's variables, bar the patterns (SECTION__KEY, NAME).
+    let mut named: Vec<String> = readme
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("OPTOUT_RELAY__") && !w.contains("SECTION") && !w.contains("__NAME__"))
+        .map(str::to_owned)
+        .collect();
+    named.sort();
+    named.dedup();
+    for (name, value) in &vars {
+        std::env::set_var(name, value);
+    }
+    for name in named.iter().filter(|n| std::env::var_os(n).is_none()) {
+        std::env::set_var(name, "x");
+    }
+    let problems = match Config::load_all(None) {
+        Ok(_) => Vec::new(),
+        Err(u) => u.problems,
+    };
+    let unknown: Vec<&String> = problems.iter().filter(|p| p.contains("is not a key")).collect();
+    assert!(unknown.is_empty(), "variables naming no key: {unknown:#?}");
+
+    let help = Command::new(env!("CARGO_BIN_EXE_optout-relay")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for needle in [
+        "OPTOUT_RELAY_CONFIG",
+        "OPTOUT_RELAY__SECTION__KEY",
+        "DATABASE_URL",
+        "optout-relay.db in the working directory",
+        "RUST_LOG",
+    ] {
+        assert!(help.contains(needle), "{needle} missing from --help:\n{help}");
+    }
+}
+
+/// SECURITY.md names real keys and states their real defaults.
+#[test]
+fn security_md_names_real_keys_with_their_defaults() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let security = std::fs::read_to_string(root.join("SECURITY.md")).unwrap();
+    let example = std::fs::read_to_string(root.join("config.example.toml")).unwrap();
+    let sections = ["server", "database", "twilio", "keywords", "relay", "log", "admin"];
+    let mut keys = Vec::new();
+    for quoted in security.split('`').skip(1).step_by(2) {
+        let Some((section, key)) = quoted.split_once('.') else { continue };
+        if sections.contains(&section) && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            keys.push((section, key));
+        }
+    }
+    assert!(keys.len() >= 8, "{keys:?}");
+    for (section, key) in keys {
+        let start = example.find(&format!("\n[{section}]")).unwrap_or_else(|| panic!("[{section}] in the example"));
+        let table = &example[start + 1..];
+        let table = &table[..table[1..].find("\n[").map_or(table.len(), |i| i + 1)];
+        assert!(
+            table.lines().any(|l| l.trim_start_matches('#').trim_start().starts_with(&format!("{key} ")))
+                || example.contains(&format!("[{section}.{key}]")),
+            "SECURITY.md names {section}.{key}, which config.example.toml's [{section}] does not have"
+        );
+    }
+    let d = Config::default();
+    let redcap = optout_relay::config::RedcapConfig::new("https://r/api/", "t".to_owned().into(), "p", "o");
+    for (key, default) in [
+        ("`server.max_body_bytes`", format!("{} KiB", d.server.max_body_bytes / 1024)),
+        ("`database.acquire_timeout`", format!("{} s", d.database.acquire_timeout.as_secs())),
+        ("`server.shutdown_grace`", format!("{} s", d.server.shutdown_grace.as_secs())),
+        ("`request_timeout` of the sink", format!("{} s", redcap.request_timeout.as_secs())),
+        ("`max_calls_per_minute` of the sink", redcap.max_calls_per_minute.to_string()),
+    ] {
+        let row = security.lines().find(|l| l.contains(key)).unwrap_or_else(|| panic!("{key} in SECURITY.md"));
+        assert!(row.contains(&format!("| {default} |")), "{key}: default {default} in {row}");
+    }
+}

@@ -248,7 +248,7 @@ impl Op {
 }
 
 /// Turns an HTTP answer into the JSON it carries or the sink error it means.
-fn classify(
+pub(super) fn classify(
     op: Op,
     status: u16,
     retry_after: Option<Duration>,

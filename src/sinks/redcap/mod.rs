@@ -59,6 +59,48 @@ use tokio::time::Instant;
 
 pub use check::CheckLine;
 
+/// REDCap's answers as the sink reads them, for the property tests and the
+/// property bench (`tests/properties.rs`, `examples/properties.rs`): each
+/// takes whatever a server sends and must answer, never panic.
+pub mod answers {
+    use serde_json::Value;
+
+    use super::{api, matching, timestamp};
+    use crate::sinks::SinkError;
+
+    /// An HTTP answer to a record import (`writes`) or export: its JSON, or the error it means.
+    pub fn classify(status: u16, body: &str, writes: bool) -> Result<Value, SinkError> {
+        let op = if writes { api::Op::Import } else { api::Op::Export };
+        api::classify(op, status, None, None, body)
+    }
+
+    /// The metadata export: how many fields it names.
+    pub fn metadata_fields(v: &Value) -> Result<usize, String> {
+        api::Metadata::parse(v).map(|m| m.fields.len())
+    }
+
+    /// The record export: its rows' (record id, phone, opt-out value).
+    pub fn export_rows(
+        v: &Value,
+        record_id: &str,
+        phone_field: &str,
+        optout_field: Option<&str>,
+    ) -> Result<Vec<(String, String, String)>, String> {
+        let rows = matching::parse_export(v, record_id, phone_field, optout_field)?;
+        Ok(rows.into_iter().map(|r| (r.record, r.phone, r.optout)).collect())
+    }
+
+    /// An import's `{"count": N}` against the records sent.
+    pub fn confirm_import(answer: &Value, sent: usize) -> Result<(), SinkError> {
+        api::confirm_import(answer, sent)
+    }
+
+    /// Whether a stamp read back from REDCap is the one written.
+    pub fn same_moment(current: &str, wanted: &str) -> bool {
+        timestamp::same_moment(current, wanted)
+    }
+}
+
 use self::api::{Api, Metadata, Op};
 use self::compare::{beats, differing, distinct_records, outcomes, Want};
 use self::schema::Schema;
