@@ -66,6 +66,15 @@ fn describe() {
         "Panics of supervised background tasks (batch-writer-N, relay-SINK-N, migrations), by task; \
          each is followed by a restart after a backoff unless the service is shutting down"
     );
+    describe_gauge!(
+        "optout_changes_waiting",
+        "Consent changes recorded and not yet fanned out to the sinks' queues (normally 0; growing: the fan-out \
+         is stuck)"
+    );
+    describe_counter!(
+        "optout_requests_held_for_schema_total",
+        "Writes held at start until this process's migrations were applied"
+    );
     describe_histogram!("optout_webhook_duration_seconds", Unit::Seconds, "Webhook handling time");
     describe_histogram!("optout_sink_call_duration_seconds", Unit::Seconds, "Calls to a sink's API, by sink and call");
 }
@@ -91,6 +100,7 @@ pub fn register(sinks: &[&str]) {
     for outcome in WEBHOOK_OUTCOMES {
         metrics::counter!("optout_webhooks_total", "outcome" => *outcome).absolute(0);
     }
+    metrics::counter!("optout_requests_held_for_schema_total").increment(0);
     for kind in EVENT_KINDS {
         metrics::counter!("optout_events_total", "kind" => *kind).absolute(0);
     }
@@ -138,6 +148,11 @@ pub fn queue(sink: &str, pending: i64, oldest_age_seconds: f64, dead: i64) {
     metrics::gauge!("optout_pending_deliveries", "sink" => sink.clone()).set(pending as f64);
     metrics::gauge!("optout_oldest_pending_delivery_age_seconds", "sink" => sink.clone()).set(oldest_age_seconds);
     metrics::gauge!("optout_dead_deliveries", "sink" => sink).set(dead as f64);
+}
+
+/// Changes not yet fanned out (read from the store at each scrape).
+pub fn changes_waiting(n: i64) {
+    metrics::gauge!("optout_changes_waiting").set(n as f64);
 }
 
 /// A sink's health: 1 while it works, and how long its current run of

@@ -49,6 +49,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     // Read before taking the lock: a store that hangs must not hold up other scrapes.
     let stats = app.store.queue_stats().await;
     let health = app.store.sinks().await;
+    let changes = app.store.changes_waiting().await;
     let _scrape = SCRAPE.lock().await;
     match stats.and_then(|s| health.map(|h| (s, h))) {
         Ok((stats, health)) => {
@@ -64,6 +65,11 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
                     .and_then(|h| h.failing_since)
                     .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
                 crate::metrics::sink_health(sink, h.is_none_or(|h| h.health == "ok"), failing);
+            }
+            // Part of the same reading: a store that answered the two reads
+            // above answers this one; if not, the gauge keeps its last value.
+            if let Ok(n) = changes {
+                crate::metrics::changes_waiting(n);
             }
             crate::metrics::queue_stats_read(true);
         }

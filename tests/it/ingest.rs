@@ -459,6 +459,8 @@ async fn metrics_count_outcomes_and_report_the_queue(b: Backend) {
         "optout_pending_deliveries{sink=\"redcap\"} 1",
         "optout_oldest_pending_delivery_age_seconds{sink=\"redcap\"}",
         "optout_dead_deliveries{sink=\"redcap\"} 0",
+        // The STOP was fanned out to the sink's queue: no change waits.
+        "optout_changes_waiting 0",
     ] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
