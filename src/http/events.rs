@@ -136,6 +136,11 @@ async fn handle(
                 continue;
             }
         };
+        // The request's own log line names the phone and kind too, as the
+        // webhook's does (the last message's, for a batch of several).
+        let span = tracing::Span::current();
+        span.record("phone", tracing::field::display(app.show_phone(&phone)));
+        span.record("kind", kind.as_str());
         tracing::info!(
             message_sid = message.message_sid.as_str(),
             phone = %app.show_phone(&phone),
