@@ -55,7 +55,10 @@ pub async fn receive(
 ) -> Response {
     let result = handle(&app, &uri, &headers, body).await;
     let outcome = match &result {
-        Ok(_) => "accepted",
+        // The request's log line says what the delivery amounted to as a whole.
+        Ok(s) if s.recorded > 0 => "accepted",
+        Ok(s) if s.duplicates > 0 => "duplicate",
+        Ok(_) => "ignored",
         Err(e) => e.outcome(),
     };
     tracing::Span::current().record("outcome", outcome);
