@@ -122,6 +122,13 @@ pub fn webhook(outcome: &'static str) {
     metrics::counter!("optout_webhooks_total", "outcome" => outcome).increment(1);
 }
 
+/// Event Streams deliveries, per CloudEvent (a refusal of a whole delivery
+/// once), under the webhook's metric and outcome words with
+/// `channel="event_streams"`, so one query sees both ways in.
+pub fn event_stream(outcome: &'static str) {
+    metrics::counter!("optout_webhooks_total", "outcome" => outcome, "channel" => "event_streams").increment(1);
+}
+
 pub fn event(kind: &'static str) {
     metrics::counter!("optout_events_total", "kind" => kind).increment(1);
 }

@@ -3,6 +3,7 @@
 mod admin;
 mod body;
 pub mod error;
+mod events;
 mod health;
 pub mod serve;
 mod webhook;
@@ -149,6 +150,7 @@ pub fn router(state: AppState, body: BodyRules, admin_tokens: Vec<secrecy::Secre
 
     let mut routes = Router::new()
         .route("/twilio/messages", post(webhook::inbound))
+        .route("/twilio/events", post(events::receive))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics));

@@ -1,5 +1,7 @@
-//! Everything that knows Twilio: the signature, the inbound form, keywords.
+//! Everything that knows Twilio: the signature, the inbound form, Event
+//! Streams' CloudEvents, keywords.
 
+pub mod events;
 pub mod keywords;
 pub mod signature;
 pub mod webhook;

@@ -17,6 +17,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// Why a request was refused. Logged, never sent to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -97,7 +98,7 @@ impl Verifier {
             if let SignedBody::Raw(raw) = body {
                 // A non-form body is covered only through the hash in the URL.
                 match query_param(url, "bodySHA256") {
-                    Some(h) if h.eq_ignore_ascii_case(&hex::encode(Sha256::digest(raw))) => {}
+                    Some(h) if body_hash_matches(h, raw) => {}
                     _ => {
                         body_hash_failed = true;
                         continue;
@@ -116,6 +117,15 @@ impl Verifier {
         }
         Err(if body_hash_failed { SignatureError::BodyHashMismatch } else { SignatureError::Mismatch })
     }
+}
+
+/// Whether `claimed` (the hex `bodySHA256` of the URL, either case) is the
+/// SHA-256 of `raw`, compared in constant time as twilio-python does.
+fn body_hash_matches(claimed: &str, raw: &[u8]) -> bool {
+    let actual = hex::encode(Sha256::digest(raw));
+    let claimed = claimed.to_ascii_lowercase();
+    // The lengths differ only for a malformed hash: no secret in that.
+    claimed.len() == actual.len() && bool::from(claimed.as_bytes().ct_eq(actual.as_bytes()))
 }
 
 /// `Verify` in constant time (`Mac::verify_slice`).
@@ -381,8 +391,23 @@ mod tests {
             .verify(std::slice::from_ref(&url), Some("a9nBmqA0ju/hNViExpshrM61xv4="), None, SignedBody::Raw(body))
             .is_ok());
         assert_eq!(
-            v.verify(&[url], Some("a9nBmqA0ju/hNViExpshrM61xv4="), None, SignedBody::Raw(b"{}")),
+            v.verify(std::slice::from_ref(&url), Some("a9nBmqA0ju/hNViExpshrM61xv4="), None, SignedBody::Raw(b"{}")),
             Err(SignatureError::BodyHashMismatch)
+        );
+        // Twilio sends the hash in lower case; an upper-case copy is the same hash.
+        assert!(body_hash_matches(&hash.to_ascii_uppercase(), body));
+        assert!(!body_hash_matches(&hash[..63], body));
+        assert!(!body_hash_matches("", body));
+        // No bodySHA256 in the URL: the body is not covered, so refused.
+        assert_eq!(
+            v.verify(&[URL.into()], Some("a9nBmqA0ju/hNViExpshrM61xv4="), None, SignedBody::Raw(body)),
+            Err(SignatureError::BodyHashMismatch)
+        );
+        // A right body hash under a signature over another URL is refused.
+        let other = url.replace("foo=1", "foo=2");
+        assert_eq!(
+            v.verify(&[other], Some("a9nBmqA0ju/hNViExpshrM61xv4="), None, SignedBody::Raw(body)),
+            Err(SignatureError::Mismatch)
         );
     }
 

@@ -267,7 +267,7 @@ fn binary(dir: &std::path::Path, port: u16) -> std::process::Command {
 
 /// Runs the binary, lets `drive` talk to it at its base URL, stops it with
 /// SIGTERM and returns everything it logged.
-async fn logs_of_binary<F, Fut>(env: &[(&str, &str)], drive: F) -> String
+pub(crate) async fn logs_of_binary<F, Fut>(env: &[(&str, &str)], drive: F) -> String
 where
     F: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = ()>,

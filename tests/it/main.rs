@@ -10,6 +10,7 @@ mod binary;
 mod config;
 mod converge;
 mod email_sink;
+mod event_streams;
 mod hostile;
 mod ingest;
 mod redcap_sink;
