@@ -62,18 +62,11 @@ proptest! {
     }
 }
 
-/// Found by the phone property: a number as the parsers give it does not
-/// always read back as itself, so the same person can be two numbers.
-/// `Phone::parse` (the webhook's `From`) takes `+1000001` to `+10001`, which
-/// reads back as `+101`: a number that is not one is stored, and not as
-/// itself (issue #12 item 5, phone validation, in another branch, refuses
-/// it). `Phone::parse_valid` (REDCap's phone fields) takes the satellite
-/// number `+881000243106163` to `+8810243106163`, which reads back as
-/// `+881243106163`: each pass drops a zero, so a field typed one way may
-/// not match the From of the same phone. Run with `--ignored`; once both
-/// hold, drop the `ignore` and assert the read-back in `checks::phone`.
+/// Found by the phone property: `+1000001` once parsed to `+10001` (which
+/// read back as `+101`) and the satellite number `+881000243106163` lost a
+/// zero at each pass. Only numbers valid for their region are phones now, and
+/// both read back as themselves (`checks::phone` asserts it for every input).
 #[test]
-#[ignore = "fails until the parsers round-trip: issue #12 item 5 and the +881 case"]
 fn e164_reads_back_as_itself() {
     use optout_relay::domain::Phone;
     use phonenumber::country::Id;

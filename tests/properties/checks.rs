@@ -153,11 +153,14 @@ pub fn phone(raw: &str, region: country::Id) {
     let parsed = Phone::parse(raw, region);
     if let Ok(p) = &parsed {
         e164(p);
+        // The same person is one number: what we store reads back as itself.
+        assert_eq!(Phone::parse(p.as_str(), region).as_ref(), Ok(p), "{raw:?} -> {p} does not read back");
         let (s, masked) = (p.as_str(), p.masked());
         assert!(s.len() < 8 || !masked.contains(&s[1..]), "{s} unmasked: {masked}");
     }
     if let Some(p) = Phone::parse_valid(raw, region) {
         e164(&p);
+        assert_eq!(Phone::parse_valid(p.as_str(), region).as_ref(), Some(&p), "{raw:?} -> {p} does not read back");
         // Extensions are read by parse_valid only (a phone field may hold one; Twilio's From never does).
         if !raw.chars().any(char::is_alphabetic) {
             assert!(parsed.is_ok(), "{raw:?} is valid ({p}) yet refused as a From");
