@@ -200,12 +200,21 @@ def check_config(env):
                            env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
     return r.returncode, (r.stdout + r.stderr).strip()
 
+# check-config also says whether the service could work where it runs: here
+# the example's placeholder URLs (an operator must replace them) and the
+# database (no network in this namespace) fail by design. Any other finding
+# is a real problem of .env.example.
+EXPECTED = re.compile(r"example's placeholder|cannot reach the database")
+
+def unexpected(out):
+    return [l for l in out.splitlines() if l.startswith("FAIL") and not EXPECTED.search(l)]
+
 failed = False
 for label, optional in (("settings", False), ("settings + commented optional ones", True)):
     env = load(optional)
-    # Everything but REDCap: must be clean.
+    # Everything but REDCap: clean but for the expected findings.
     code, out = check_config({k: v for k, v in env.items() if not k.startswith("OPTOUT_RELAY__REDCAP__")})
-    if code != 0:
+    if code not in (0, 1) or "configuration error" in out or unexpected(out):
         say(out); say(f"  FAIL {label} without REDCap: check-config exit {code}"); failed = True; continue
     # With REDCap: must parse (exit 2 = configuration error). A problem list
     # (exit 1) may be check-config failing to reach REDCap with no network, so
