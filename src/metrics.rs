@@ -99,6 +99,7 @@ pub fn register(sinks: &[&str]) {
     }
     for outcome in WEBHOOK_OUTCOMES {
         metrics::counter!("optout_webhooks_total", "outcome" => *outcome).absolute(0);
+        metrics::counter!("optout_webhooks_total", "outcome" => *outcome, "channel" => "event_streams").absolute(0);
     }
     metrics::counter!("optout_requests_held_for_schema_total").increment(0);
     for kind in EVENT_KINDS {

@@ -716,11 +716,15 @@ async fn metrics_describe_every_series_from_the_start() {
         "optout_task_panics_total",
         "optout_queue_stats_up",
         "optout_queue_stats_last_success_timestamp_seconds",
+        "optout_changes_waiting",
+        "optout_requests_held_for_schema_total",
     ] {
         assert!(text.contains(&format!("# HELP {series} ")), "{series} not described:\n{text}");
     }
     for outcome in optout_relay::metrics::WEBHOOK_OUTCOMES {
         assert!(text.contains(&format!("optout_webhooks_total{{outcome=\"{outcome}\"}} 0\n")), "{outcome}:\n{text}");
+        let streams = format!("optout_webhooks_total{{outcome=\"{outcome}\",channel=\"event_streams\"}} 0\n");
+        assert!(text.contains(&streams), "{streams}\n{text}");
     }
     for kind in ["opt_out", "opt_in", "help"] {
         assert!(text.contains(&format!("optout_events_total{{kind=\"{kind}\"}} 0\n")), "{kind}:\n{text}");
