@@ -88,19 +88,7 @@ async fn handle(
         })
     })?;
 
-    if app.validate_signatures {
-        let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-        let urls = app.signed_urls(path_and_query, headers);
-        let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        app.verifier
-            .verify(
-                &urls,
-                header_str("x-twilio-signature"),
-                header_str("x-twilio-webhooks-signature-settings"),
-                SignedBody::Raw(&body),
-            )
-            .map_err(|e| whole(ApiError::Forbidden(e, super::url_origins_and_paths(&urls))))?;
-    }
+    app.verify_twilio(uri, headers, SignedBody::Raw(&body)).map_err(whole)?;
 
     let items = parse_batch(&body).map_err(|e| whole(ApiError::BadRequest(e.to_string())))?;
 

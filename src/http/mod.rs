@@ -112,6 +112,26 @@ impl AppState {
         }
     }
 
+    /// Checks a Twilio request's signature (when `validate_signatures`) over
+    /// every URL it may have been signed for; the error names those URLs.
+    /// Shared by the Messaging webhook and Event Streams.
+    pub fn verify_twilio(
+        &self,
+        uri: &axum::http::Uri,
+        headers: &HeaderMap,
+        body: crate::twilio::signature::SignedBody<'_>,
+    ) -> Result<(), error::ApiError> {
+        if !self.validate_signatures {
+            return Ok(());
+        }
+        let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+        let urls = self.signed_urls(path_and_query, headers);
+        let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        self.verifier
+            .verify(&urls, header_str("x-twilio-signature"), header_str("x-twilio-webhooks-signature-settings"), body)
+            .map_err(|e| error::ApiError::Forbidden(e, url_origins_and_paths(&urls)))
+    }
+
     pub fn wake_relay(&self) {
         self.relay.wake_all();
     }

@@ -75,19 +75,7 @@ async fn handle(
     }
     let pairs = decode_form(&body);
 
-    if app.validate_signatures {
-        let path_and_query = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-        let urls = app.signed_urls(path_and_query, headers);
-        let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        app.verifier
-            .verify(
-                &urls,
-                header_str("x-twilio-signature"),
-                header_str("x-twilio-webhooks-signature-settings"),
-                SignedBody::Form(&pairs),
-            )
-            .map_err(|e| ApiError::Forbidden(e, super::url_origins_and_paths(&urls)))?;
-    }
+    app.verify_twilio(uri, headers, SignedBody::Form(&pairs))?;
 
     let msg = parse_inbound(&pairs, app.region)?;
     let span = tracing::Span::current();
