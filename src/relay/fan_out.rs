@@ -45,7 +45,11 @@ pub(super) async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = woken => {},
+            // Commits come in streams: gather a batch's worth (see `relay.linger`).
+            () = woken => tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(relay.policy.linger) => {},
+            },
             () = tokio::time::sleep(pause) => {},
         }
     }

@@ -13,8 +13,6 @@
 //! row's generation, which is all the relay needs: the row is due and its
 //! worker computes the target from the current state, not from the change.
 
-use std::collections::HashMap;
-
 use chrono::Utc;
 use sqlx::{PgPool, SqlitePool};
 
@@ -106,39 +104,55 @@ async fn fan_out_pg(pool: &PgPool, sinks: &[SinkFollow], limit: u32) -> Result<u
     Ok(u64::try_from(taken).unwrap_or(0))
 }
 
-/// SQLite has one writer: read the oldest changes, upsert, delete them, in
-/// one write transaction (nobody can append in between).
+/// SQLite has one writer: the oldest changes fanned out and deleted in one
+/// write transaction (nobody can append in between), set-based as on
+/// PostgreSQL: a statement per (sink, phone) cost a round trip to sqlx's
+/// connection thread each and held the write lock that ingest waits for.
 async fn fan_out_sqlite(pool: &SqlitePool, sinks: &[SinkFollow], limit: u32) -> Result<u64, StoreError> {
     let now = Ts(Utc::now());
+    // [[sink, scope or null, since_registered], …]; a null scope: every scope.
+    let follow: Vec<(&str, Option<&str>, bool)> = sinks
+        .iter()
+        .flat_map(|f| {
+            let scopes: Vec<Option<&str>> = match &f.scopes {
+                None => vec![None],
+                Some(scopes) => scopes.iter().map(|s| Some(s.as_str())).collect(),
+            };
+            scopes.into_iter().map(move |scope| (f.sink.as_str(), scope, f.since_registered))
+        })
+        .collect();
+    let follow = serde_json::to_string(&follow).map_err(|e| StoreError::Query(e.to_string()))?;
     let mut tx = pool.begin_write().await?;
-    let taken: Vec<(i64, String, String, i64, Ts)> =
-        sqlx::query_as("SELECT id, scope, phone, event_id, recorded_at FROM changes ORDER BY id LIMIT $1")
+    let (taken, last): (i64, Option<i64>) =
+        sqlx::query_as("SELECT COUNT(*), MAX(id) FROM (SELECT id FROM changes ORDER BY id LIMIT $1)")
             .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-    let registered: HashMap<String, Ts> =
-        sqlx::query_as("SELECT name, created_at FROM sinks").fetch_all(&mut *tx).await?.into_iter().collect();
-    let Some(last) = taken.last().map(|c| c.0) else {
+    let Some(last) = last else {
         return Ok(0);
     };
-    let sql = format!(
+    sqlx::query(&format!(
         "INSERT INTO sink_phones (sink, phone, status, event_id, next_attempt_at, queued_at, created_at, updated_at)
-         VALUES ($1, $2, 'pending', $3, $4, $4, $4, $4) {UPSERT}"
-    );
-    for (_, scope, phone, event_id, recorded_at) in &taken {
-        let since_registered =
-            |f: &&SinkFollow| !f.since_registered || registered.get(&f.sink).is_none_or(|at| recorded_at >= at);
-        for f in sinks.iter().filter(|f| follows(f, scope)).filter(since_registered) {
-            sqlx::query(&sql).bind(&f.sink).bind(phone).bind(event_id).bind(now).execute(&mut *tx).await?;
-        }
-    }
+         SELECT f.sink, t.phone, 'pending', MAX(t.event_id), $3, $3, $3, $3
+           FROM changes t
+           JOIN (SELECT json_extract(value, '$[0]') AS sink, json_extract(value, '$[1]') AS scope,
+                        json_extract(value, '$[2]') AS since_registered
+                   FROM json_each($1)) f
+             ON f.scope IS NULL OR f.scope = t.scope OR t.scope = $2
+           LEFT JOIN sinks s ON s.name = f.sink
+          WHERE t.id <= $4
+            AND (NOT f.since_registered OR s.created_at IS NULL OR t.recorded_at >= s.created_at)
+          GROUP BY f.sink, t.phone
+          ORDER BY f.sink, t.phone
+         {UPSERT}"
+    ))
+    .bind(follow)
+    .bind(ORGANISATION_SCOPE)
+    .bind(now)
+    .bind(last)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("DELETE FROM changes WHERE id <= $1").bind(last).execute(&mut *tx).await?;
     tx.commit().await?;
-    Ok(taken.len() as u64)
-}
-
-/// Whether sink `f` follows a change of `scope`: organisation-wide changes
-/// concern every sink.
-fn follows(f: &SinkFollow, scope: &str) -> bool {
-    scope == ORGANISATION_SCOPE || f.scopes.as_ref().is_none_or(|s| s.iter().any(|x| x == scope))
+    Ok(u64::try_from(taken).unwrap_or(0))
 }
