@@ -237,8 +237,14 @@ ingest_run() {
         --watch "server=pid:$SERVER_PID" ${PG_POSTMASTER:+--watch "postgres=tree:$PG_POSTMASTER"} \
         >"$TMP/loadgen-$label.out" 2>"$TMP/loadgen-$label.err" \
         || { cat "$TMP/loadgen-$label.err" >&2; tail -20 "$TMP/server-$label.log" >&2; die "$label: loadgen"; }
-    # What the relay had left when the load ended (it kept running meanwhile).
-    local rows pending
+    # What the relay had left when the load ended (it kept running meanwhile),
+    # once the fan-out has taken the last changes (it lingers relay.linger).
+    local rows pending waiting
+    for _ in $(seq 50); do
+        waiting=$(count_rows "$backend" "$db_url" "SELECT count(*) FROM changes")
+        [[ "$waiting" == 0 || "$waiting" == "?" ]] && break
+        sleep 0.2
+    done
     rows=$(count_rows "$backend" "$db_url" "SELECT count(*) FROM sink_phones")
     pending=$(count_rows "$backend" "$db_url" "SELECT count(*) FROM sink_phones WHERE status = 'pending'")
     kill -TERM "$SERVER_PID"
