@@ -22,6 +22,9 @@ use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
+mod outbound;
+pub use outbound::{webhook_key, EveryActionConfig, WebhookConfig, DEFAULT_VAN_URL};
+
 /// The environment prefix; `__` separates section from key.
 pub const ENV_PREFIX: &str = "OPTOUT_RELAY__";
 /// Used when `--config` is not given and this file exists in the working directory.
@@ -74,6 +77,10 @@ pub enum EmailTls {
 pub enum SinkConfig {
     Redcap(RedcapConfig),
     Email(EmailConfig),
+    /// EveryAction / NGP VAN, one committee (`src/config/outbound.rs`).
+    Everyaction(EveryActionConfig),
+    /// A Standard Webhooks endpoint (`src/config/outbound.rs`).
+    Webhook(WebhookConfig),
 }
 
 impl SinkConfig {
@@ -82,6 +89,8 @@ impl SinkConfig {
         match self {
             SinkConfig::Redcap(c) => c.scopes.as_deref(),
             SinkConfig::Email(c) => c.scopes.as_deref(),
+            SinkConfig::Everyaction(c) => c.scopes.as_deref(),
+            SinkConfig::Webhook(c) => c.scopes.as_deref(),
         }
     }
 
@@ -90,6 +99,8 @@ impl SinkConfig {
         match self {
             SinkConfig::Redcap(_) => "redcap",
             SinkConfig::Email(_) => "email",
+            SinkConfig::Everyaction(_) => "everyaction",
+            SinkConfig::Webhook(_) => "webhook",
         }
     }
 }
@@ -718,6 +729,8 @@ impl Config {
             let config = match sink {
                 SinkConfig::Redcap(r) => SinkRef::Redcap(r),
                 SinkConfig::Email(e) => SinkRef::Email(e),
+                SinkConfig::Everyaction(c) => SinkRef::Everyaction(c),
+                SinkConfig::Webhook(c) => SinkRef::Webhook(c),
             };
             out.push(Declared { name, path: format!("sinks.{name}"), config });
         }
@@ -863,6 +876,14 @@ impl Config {
                 SinkRef::Email(e) => {
                     email_problems(&d.path, e, out);
                     &e.scopes
+                }
+                SinkRef::Everyaction(c) => {
+                    outbound::everyaction_problems(&d.path, c, self.relay.lease, out);
+                    &c.scopes
+                }
+                SinkRef::Webhook(c) => {
+                    outbound::webhook_problems(&d.path, c, self.relay.lease, out);
+                    &c.scopes
                 }
             };
             scope_problems(&d.path, scopes.as_deref(), out);
@@ -1024,6 +1045,8 @@ struct Declared<'a> {
 enum SinkRef<'a> {
     Redcap(&'a RedcapConfig),
     Email(&'a EmailConfig),
+    Everyaction(&'a EveryActionConfig),
+    Webhook(&'a WebhookConfig),
 }
 
 /// `^[a-z0-9_-]+$`: safe in metrics labels, URL paths and (bar `-`)
