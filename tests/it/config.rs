@@ -163,7 +163,7 @@ fn sink_secrets_from_the_environment() {
         .iter()
         .map(|(name, sink)| match sink {
             SinkConfig::Redcap(r) => (name.as_str(), r.token.expose_secret()),
-            SinkConfig::Email(_) => panic!("{name} is not email"),
+            other => panic!("{name} is not {}", other.kind()),
         })
         .collect();
     assert_eq!(
