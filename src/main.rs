@@ -272,6 +272,7 @@ async fn check_config(loaded: Result<Config, optout_relay::config::Unreadable>) 
         // Only a configuration valid by itself is worth testing against REDCap.
         if valid {
             check_redcap(&config, &mut found).await;
+            check_van(&config, &mut found).await;
         }
     } else {
         found.skip("database and REDCap not checked: fix the problems above first".to_owned());
@@ -338,6 +339,21 @@ async fn check_database(config: &Config, found: &mut Findings) {
         )),
     }
     store.close().await;
+}
+
+/// Asks VAN, for every everyaction sink, whether it takes the application
+/// name and key (one read: `apiKeyProfiles`).
+async fn check_van(config: &Config, found: &mut Findings) {
+    for (name, cfg) in config.sinks() {
+        let SinkConfig::Everyaction(cfg) = cfg else { continue };
+        match optout_relay::sinks::everyaction::EveryActionSink::new(&cfg) {
+            Ok(sink) => match sink.named(&name).probe().await {
+                Ok(()) => found.ok(format!("{name}: VAN at {} accepts the application name and API key", cfg.url)),
+                Err(e) => found.fail(format!("{name}: {e}")),
+            },
+            Err(e) => found.fail(format!("{name}: {e}")),
+        }
+    }
 }
 
 /// Asks every REDCap project: token, fields, events, the field's validation.

@@ -216,3 +216,101 @@ pub(super) fn webhook_problems(path: &str, c: &WebhookConfig, lease: Duration, o
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use figment::providers::{Format, Toml};
+    use figment::Figment;
+
+    use super::super::{Config, SinkConfig};
+    use super::*;
+
+    fn parse(toml: &str) -> Result<Config, String> {
+        Config::extract(Figment::from(Toml::string(toml))).map_err(|e| e.to_string())
+    }
+
+    const VAN: &str = r#"
+[sinks.van_state]
+type = "everyaction"
+application_name = "acme.optout"
+api_key = "2d1f2a4e-6f1c-4f7e-9a1b-3c5d7e9f1a2b"
+committee_id = 12345
+result_code_id = "130"
+"#;
+
+    const HOOK: &str = r#"
+[sinks.crm]
+type = "webhook"
+url = "https://crm.example.net/hooks/optouts"
+secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
+timeout = "5s"
+"#;
+
+    #[test]
+    fn everyaction_and_webhook_sinks_parse_with_their_defaults() {
+        let c = parse(&format!("{VAN}{HOOK}")).unwrap();
+        assert_eq!(c.problems(), Vec::<String>::new());
+        let sinks = c.sinks();
+        let kinds: Vec<(&str, &str)> = sinks.iter().map(|(n, s)| (n.as_str(), s.kind())).collect();
+        assert_eq!(kinds, [("crm", "webhook"), ("van_state", "everyaction")]);
+        let SinkConfig::Everyaction(v) = &sinks[1].1 else { panic!() };
+        assert_eq!(v.url, DEFAULT_VAN_URL);
+        assert_eq!((v.committee_id, v.result_code_id), (Some(12345), Some(130)));
+        assert_eq!((v.database.as_str(), v.mode()), ("MyCampaign", Some(1)));
+        assert_eq!(v.max_calls_per_minute, 60);
+        let built = EveryActionConfig {
+            committee_id: Some(12345),
+            result_code_id: Some(130),
+            ..EveryActionConfig::new(&v.application_name, v.api_key.clone())
+        };
+        assert_eq!(format!("{built:?}"), format!("{v:?}"));
+        let SinkConfig::Webhook(w) = &sinks[0].1 else { panic!() };
+        assert_eq!(w.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_database_names_its_mode() {
+        let mode = |db: &str| EveryActionConfig { database: db.into(), ..EveryActionConfig::new("a", empty_secret()) }.mode();
+        assert_eq!([mode("MyCampaign"), mode("everyaction"), mode(" MyVoters "), mode("VoterFile")], [
+            Some(1),
+            Some(1),
+            Some(0),
+            None
+        ]);
+    }
+
+    #[test]
+    fn problems_name_the_key_and_the_variable() {
+        let van = VAN
+            .replace("application_name = \"acme.optout\"\n", "")
+            .replace("api_key = \"2d1f2a4e-6f1c-4f7e-9a1b-3c5d7e9f1a2b\"\n", "database = \"VoterFile\"\n")
+            .replace("committee_id = 12345", "committee_id = 0");
+        let hook = HOOK.replace("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD", "not base64!").replace("5s", "3m");
+        let problems = parse(&format!("{van}{hook}")).unwrap().problems();
+        for expected in [
+            "sinks.van_state.application_name is empty",
+            "sinks.van_state.api_key is empty (set OPTOUT_RELAY__SINKS__VAN_STATE__API_KEY)",
+            "sinks.van_state.database \"VoterFile\" is not one of MyCampaign, EveryAction, MyVoters",
+            "sinks.van_state.committee_id must be a VAN id above 0",
+            "sinks.crm.secret is not whsec_ followed by base64",
+            "relay.lease 2m is not longer than sinks.crm.timeout 3m",
+        ] {
+            assert!(problems.iter().any(|p| p.starts_with(expected)), "{expected} in {problems:#?}");
+        }
+        let keyed = parse(&VAN.replace("9f1a2b\"", "9f1a2b|1\"")).unwrap().problems();
+        assert!(keyed.iter().any(|p| p.contains("api_key holds a |")), "{keyed:?}");
+        let short = parse(&HOOK.replace("C2FVsBQIhrscChlQIMV+b5sSYspob7oD", "YWJj")).unwrap().problems();
+        assert!(short.iter().any(|p| p.contains("3 bytes of key")), "{short:?}");
+        let bad = parse(&VAN.replace("12345", "\"twelve\"")).unwrap_err();
+        // serde reports it at the sink (the tagged table hides the key), naming the value.
+        assert!(bad.contains("van_state") && bad.contains("\"twelve\" is not a positive whole number"), "{bad}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let err = parse(&HOOK.replace("timeout", "timout")).unwrap_err();
+        assert!(err.contains("timout"), "{err}");
+        let err = parse(&VAN.replace("committee_id", "committee")).unwrap_err();
+        assert!(err.contains("committee"), "{err}");
+    }
+}
