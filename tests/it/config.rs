@@ -118,12 +118,27 @@ fn example_sink_tables_load_when_uncommented() {
     let sinks: Vec<(String, &str)> = c.sinks().iter().map(|(n, s)| (n.clone(), s.kind())).collect();
     assert_eq!(
         sinks,
-        [("email".to_owned(), "email"), ("redcap".to_owned(), "redcap"), ("study_b".to_owned(), "redcap")]
+        [
+            ("crm".to_owned(), "webhook"),
+            ("email".to_owned(), "email"),
+            ("redcap".to_owned(), "redcap"),
+            ("study_b".to_owned(), "redcap"),
+            ("van_state".to_owned(), "everyaction")
+        ]
     );
-    let SinkConfig::Redcap(b) = &c.sinks()[2].1 else { unreachable!() };
+    let SinkConfig::Redcap(b) = &c.sinks()[3].1 else { unreachable!() };
     assert_eq!(b.scopes.as_ref().map(Vec::len), Some(2));
-    let problems: Vec<String> =
-        c.problems().into_iter().filter(|p| !p.contains("password") && !p.contains("token is empty")).collect();
+    // Only the secrets, left for the environment, are missing.
+    let problems: Vec<String> = c
+        .problems()
+        .into_iter()
+        .filter(|p| {
+            !p.contains("password")
+                && !p.contains("token is empty")
+                && !p.contains("api_key is empty")
+                && !p.contains("secret is empty")
+        })
+        .collect();
     assert_eq!(problems, Vec::<String>::new());
 }
 
