@@ -225,3 +225,50 @@ both_backends!(
     a_wrong_key_is_misconfigured_with_vans_answer,
     a_result_code_also_posts_a_do_not_text_canvass_response,
 );
+
+/// `optout-relay import-van-ids FILE.csv`, the real binary: what it prints,
+/// its exit code when it skipped a line, and that running it twice is idempotent.
+#[test]
+fn import_van_ids_prints_what_it_read_skipped_and_queued_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_optout-relay"))
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("OPTOUT_RELAY__SINKS__VAN__TYPE", "everyaction")
+            .env("OPTOUT_RELAY__SINKS__VAN__URL", "http://127.0.0.1:9/v4/")
+            .env("OPTOUT_RELAY__SINKS__VAN__APPLICATION_NAME", APP)
+            .env("OPTOUT_RELAY__SINKS__VAN__API_KEY", KEY)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["migrate"]).status.success());
+    assert!(run(&["opt-out", "(415) 555-0142"]).status.success());
+    let csv = dir.path().join("people.csv");
+    std::fs::write(&csv, "phone,vanid,committeeid\n4155550142,101,\n415-555-0143,102,\n555-01,7,\n4155550142,101,\n")
+        .unwrap();
+
+    let out = run(&["import-van-ids", "people.csv"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "a skipped line is a non-zero exit: {stdout}");
+    for line in [
+        "people.csv: 4 line(s) read, 2 usable row(s), 1 repeated in the file, 1 skipped",
+        "  skipped line 4: phone *** is not a valid number",
+        "2 new mapping row(s) stored, 0 already known; 2 row(s) in all",
+        "1 phone(s) on the opt-out list queued for van (a running `serve` sends them)",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?} in\n{stdout}");
+    }
+    std::fs::write(&csv, "phone,vanid\n4155550142,101\n").unwrap();
+    let out = run(&["import-van-ids", "people.csv"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("0 new mapping row(s) stored, 1 already known; 2 row(s) in all"), "{stdout}");
+    assert!(stdout.contains("0 phone(s) on the opt-out list queued"), "{stdout}");
+
+    let out = run(&["import-van-ids", "missing.csv"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open missing.csv"));
+}
