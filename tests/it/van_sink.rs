@@ -224,6 +224,7 @@ both_backends!(
     five_hundreds_429s_and_timeouts_are_retried_until_van_holds_the_target,
     a_wrong_key_is_misconfigured_with_vans_answer,
     a_result_code_also_posts_a_do_not_text_canvass_response,
+    the_notification_email_reports_what_van_did,
 );
 
 /// `optout-relay import-van-ids FILE.csv`, the real binary: what it prints,
@@ -271,4 +272,25 @@ fn import_van_ids_prints_what_it_read_skipped_and_queued_and_is_idempotent() {
     let out = run(&["import-van-ids", "missing.csv"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open missing.csv"));
+}
+
+async fn the_notification_email_reports_what_van_did(b: Backend) {
+    let fake = FakeVan::start(APP, KEY, 1, &[101]).await;
+    let smtp = crate::common::fake_smtp::FakeSmtp::start().await;
+    let mut mail = optout_relay::config::EmailConfig::new("127.0.0.1", "relay@example.org", vec!["ops@example.org".into()]);
+    mail.smtp_port = Some(smtp.port());
+    mail.tls = optout_relay::config::EmailTls::None;
+    let sinks = with_sinks(vec![("van", van_config(&fake, KEY, None))]);
+    let app = spawn_app_with(b, move |c| {
+        sinks(c);
+        c.email = Some(mail);
+    })
+    .await;
+    import(&app.store, "phone,vanid\n4155550142,101\n4155550142,999\n", &[]).await;
+    text(&app, "SMmail", "STOP").await;
+    let body = eventually_some("the notification", || async { smtp.messages().first().map(|m| m.body()) }).await;
+    assert!(body.contains("  - van: done at "), "{body}");
+    assert!(body.contains("      Written: 101\n"), "{body}");
+    assert!(body.contains("      Note: VAN has no person with vanId 999"), "{body}");
+    app.stop().await;
 }
