@@ -145,9 +145,9 @@ impl WebhookConfig {
 pub fn webhook_key(secret: &str) -> Result<Vec<u8>, String> {
     use base64::Engine as _;
     let encoded = secret.trim().strip_prefix("whsec_").unwrap_or(secret.trim());
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .map_err(|_| "is not whsec_ followed by base64 (as the receiver's Standard Webhooks library expects)".to_owned())?;
+    let key = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|_| {
+        "is not whsec_ followed by base64 (as the receiver's Standard Webhooks library expects)".to_owned()
+    })?;
     if key.len() < 16 {
         return Err(format!("holds {} bytes of key: use at least 16 (24 to 64 is usual)", key.len()));
     }
@@ -270,13 +270,12 @@ timeout = "5s"
 
     #[test]
     fn the_database_names_its_mode() {
-        let mode = |db: &str| EveryActionConfig { database: db.into(), ..EveryActionConfig::new("a", empty_secret()) }.mode();
-        assert_eq!([mode("MyCampaign"), mode("everyaction"), mode(" MyVoters "), mode("VoterFile")], [
-            Some(1),
-            Some(1),
-            Some(0),
-            None
-        ]);
+        let mode =
+            |db: &str| EveryActionConfig { database: db.into(), ..EveryActionConfig::new("a", empty_secret()) }.mode();
+        assert_eq!(
+            [mode("MyCampaign"), mode("everyaction"), mode(" MyVoters "), mode("VoterFile")],
+            [Some(1), Some(1), Some(0), None]
+        );
     }
 
     #[test]

@@ -293,7 +293,9 @@ impl EveryActionSink {
         let host = self.base.origin().ascii_serialization();
         if writes && n.connected {
             let why = if n.timed_out { format!("no answer within {:?}", self.timeout) } else { n.text };
-            return SinkError::Uncertain(format!("VAN at {host} did not answer a sent update ({why}): it may apply it"));
+            return SinkError::Uncertain(format!(
+                "VAN at {host} did not answer a sent update ({why}): it may apply it"
+            ));
         }
         let message = if n.timed_out {
             format!("VAN at {host} did not answer within {:?}", self.timeout)

@@ -149,10 +149,11 @@ impl WebhookSink {
                 let status = res.status().as_u16();
                 let retry_after = http::retry_after(res.headers());
                 // The answer's body matters only in an error message.
-                let text = if (200..300).contains(&status) { String::new() } else { res.text().await.unwrap_or_default() };
-                classify(status, retry_after, &text).map(|()| {
-                    json!({"webhook_id": item.message_id, "status": status, "type": payload_type(item.target)})
-                })
+                let text =
+                    if (200..300).contains(&status) { String::new() } else { res.text().await.unwrap_or_default() };
+                classify(status, retry_after, &text).map(
+                    |()| json!({"webhook_id": item.message_id, "status": status, "type": payload_type(item.target)}),
+                )
             }
         };
         crate::metrics::sink_call(&self.name, "webhook_post", started.elapsed().as_secs_f64());

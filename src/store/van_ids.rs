@@ -5,7 +5,7 @@
 //! and hands the sink the vanIds; the sink never reads the store.
 //!
 //! An import that teaches the table a new vanId for a phone the opt-out list
-//! knows makes that phone's row of every everyaction sink concerned pending
+//! has opted out (in any scope) makes that phone's row of every everyaction sink concerned pending
 //! again, marked to be written even if the row says VAN holds its target:
 //! the new person was never written. So a mapping imported after the STOP
 //! brings VAN to the current target with nothing else to do; importing the
@@ -45,16 +45,18 @@ pub struct VanImport {
     pub added: u64,
     /// Rows it held already (an import run twice adds nothing).
     pub known: u64,
-    /// (sink, phone) rows made pending: phones on the opt-out list with a new vanId.
+    /// (sink, phone) rows made pending: opted-out phones with a new vanId.
     pub requeued: u64,
 }
 
 /// Makes an everyaction sink's row of a phone pending and marks it to be
 /// written (`uncertain`); inserts it if the sink has none. Only for a phone
-/// the opt-out list knows. `$1` sink, `$2` phone, `$3` now.
-const REQUEUE: &str = "INSERT INTO sink_phones (sink, phone, status, next_attempt_at, queued_at, created_at, updated_at)
+/// opted out in some scope: a new person is never sent an opt-in, which
+/// could undo an opt-out VAN got from elsewhere. `$1` sink, `$2` phone, `$3` now.
+const REQUEUE: &str =
+    "INSERT INTO sink_phones (sink, phone, status, next_attempt_at, queued_at, created_at, updated_at)
      SELECT $1, $2, 'pending', $3, $3, $3, $3
-      WHERE EXISTS (SELECT 1 FROM opt_out_state WHERE phone = $2)
+      WHERE EXISTS (SELECT 1 FROM opt_out_state WHERE phone = $2 AND opted_out)
      ON CONFLICT (phone, sink) DO UPDATE
         SET status = 'pending', generation = sink_phones.generation + 1, uncertain = TRUE,
             next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at,

@@ -277,7 +277,8 @@ fn import_van_ids_prints_what_it_read_skipped_and_queued_and_is_idempotent() {
 async fn the_notification_email_reports_what_van_did(b: Backend) {
     let fake = FakeVan::start(APP, KEY, 1, &[101]).await;
     let smtp = crate::common::fake_smtp::FakeSmtp::start().await;
-    let mut mail = optout_relay::config::EmailConfig::new("127.0.0.1", "relay@example.org", vec!["ops@example.org".into()]);
+    let mut mail =
+        optout_relay::config::EmailConfig::new("127.0.0.1", "relay@example.org", vec!["ops@example.org".into()]);
     mail.smtp_port = Some(smtp.port());
     mail.tls = optout_relay::config::EmailTls::None;
     let sinks = with_sinks(vec![("van", van_config(&fake, KEY, None))]);

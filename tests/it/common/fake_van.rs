@@ -95,7 +95,11 @@ impl FakeVan {
     }
 
     pub fn status_next(&self, status: u16, retry_after: Option<u64>) {
-        self.fail_next(VanFault::Status { status, retry_after, body: format!("{{\"errors\":[{{\"text\":\"{status}\"}}]}}") });
+        self.fail_next(VanFault::Status {
+            status,
+            retry_after,
+            body: format!("{{\"errors\":[{{\"text\":\"{status}\"}}]}}"),
+        });
     }
 
     /// What VAN holds for this person's number (10 digits), if anything.
@@ -109,7 +113,10 @@ impl FakeVan {
 
     /// Updates to people (not canvass responses, not reads) the fake received.
     pub fn person_calls(&self) -> Vec<VanCall> {
-        self.calls().into_iter().filter(|c| c.path.starts_with("people/") && !c.path.ends_with("canvassResponses")).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.path.starts_with("people/") && !c.path.ends_with("canvassResponses"))
+            .collect()
     }
 
     pub fn canvass_responses(&self) -> Vec<(u64, Value)> {
@@ -136,24 +143,29 @@ fn authorised(inner: &Inner, headers: &HeaderMap) -> bool {
 }
 
 /// Records the call; answers the auth failure or the next fault, if any.
-fn gate(s: &Shared, path: String, headers: &HeaderMap, body: &Bytes) -> Result<Option<Duration>, Response> {
+fn gate(s: &Shared, path: String, headers: &HeaderMap, body: &Bytes) -> Result<Option<Duration>, Box<Response>> {
     let mut inner = lock(s);
     let ok = authorised(&inner, headers);
     let parsed = serde_json::from_slice(body).unwrap_or(Value::Null);
     inner.calls.push(VanCall { path, authorised: ok, body: parsed });
     if !ok {
-        return Err(van_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "Authorization has been denied for this request."));
+        return Err(Box::new(van_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "Authorization has been denied for this request.",
+        )));
     }
     match inner.faults.pop_front() {
         None => Ok(None),
         Some(VanFault::SlowApply(d)) => Ok(Some(d)),
         Some(VanFault::Status { status, retry_after, body }) => {
-            let mut res = (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
+            let mut res =
+                (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
             res.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
             if let Some(secs) = retry_after {
                 res.headers_mut().insert(header::RETRY_AFTER, secs.to_string().parse().unwrap());
             }
-            Err(res)
+            Err(Box::new(res))
         }
     }
 }
@@ -171,7 +183,7 @@ fn van_number(s: &str) -> bool {
 async fn update_person(State(s): State<Shared>, Path(van_id): Path<u64>, headers: HeaderMap, body: Bytes) -> Response {
     let delay = match gate(&s, format!("people/{van_id}"), &headers, &body) {
         Ok(d) => d,
-        Err(res) => return res,
+        Err(res) => return *res,
     };
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
@@ -188,7 +200,11 @@ async fn update_person(State(s): State<Shared>, Path(van_id): Path<u64>, headers
         let number = p.get("phoneNumber").and_then(Value::as_str).unwrap_or("");
         let status = p.get("phoneOptInStatus").and_then(Value::as_str).unwrap_or("U");
         if !van_number(number) || !matches!(status, "I" | "U" | "O") {
-            return van_error(StatusCode::BAD_REQUEST, "INVALID_PARAMETER", "'phoneNumber' or 'phoneOptInStatus' is invalid");
+            return van_error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_PARAMETER",
+                "'phoneNumber' or 'phoneOptInStatus' is invalid",
+            );
         }
     }
     for p in phones {
@@ -199,9 +215,14 @@ async fn update_person(State(s): State<Shared>, Path(van_id): Path<u64>, headers
     (StatusCode::OK, axum::Json(json!({"vanId": van_id, "status": "Processed"}))).into_response()
 }
 
-async fn canvass_response(State(s): State<Shared>, Path(van_id): Path<u64>, headers: HeaderMap, body: Bytes) -> Response {
+async fn canvass_response(
+    State(s): State<Shared>,
+    Path(van_id): Path<u64>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Err(res) = gate(&s, format!("people/{van_id}/canvassResponses"), &headers, &body) {
-        return res;
+        return *res;
     }
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let mut inner = lock(&s);
@@ -217,7 +238,7 @@ async fn canvass_response(State(s): State<Shared>, Path(van_id): Path<u64>, head
 
 async fn profile(State(s): State<Shared>, headers: HeaderMap) -> Response {
     if let Err(res) = gate(&s, "apiKeyProfiles".to_owned(), &headers, &Bytes::new()) {
-        return res;
+        return *res;
     }
     axum::Json(json!([{"databaseName": "MyCampaign", "apiKeyTypeName": "Custom Integration"}])).into_response()
 }

@@ -37,7 +37,10 @@ pub struct Delivery {
 
 #[derive(Debug, Clone)]
 pub enum Answer {
-    Status { status: u16, retry_after: Option<u64> },
+    Status {
+        status: u16,
+        retry_after: Option<u64>,
+    },
     /// Hold the answer this long (longer than the relay waits: a timeout), then 204.
     Hang(Duration),
 }
@@ -69,7 +72,9 @@ pub fn verify(key: &[u8], id: &str, timestamp: &str, signatures: &str, body: &[u
     mac.update(b".");
     mac.update(body);
     signatures.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|sig| {
-        base64::engine::general_purpose::STANDARD.decode(sig).is_ok_and(|bytes| mac.clone().verify_slice(&bytes).is_ok())
+        base64::engine::general_purpose::STANDARD
+            .decode(sig)
+            .is_ok_and(|bytes| mac.clone().verify_slice(&bytes).is_ok())
     })
 }
 
@@ -80,7 +85,8 @@ pub fn key_of(secret: &str) -> Vec<u8> {
 
 impl Receiver {
     pub async fn start(secret: &str) -> Receiver {
-        let inner = Arc::new(Mutex::new(Inner { key: key_of(secret), deliveries: Vec::new(), script: VecDeque::new() }));
+        let inner =
+            Arc::new(Mutex::new(Inner { key: key_of(secret), deliveries: Vec::new(), script: VecDeque::new() }));
         let app = Router::new().route("/hooks/optouts", post(receive)).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
         let url = format!("http://{}/hooks/optouts", listener.local_addr().expect("addr"));
