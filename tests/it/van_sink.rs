@@ -295,3 +295,29 @@ async fn the_notification_email_reports_what_van_did(b: Backend) {
     assert!(body.contains("      Note: VAN has no person with vanId 999"), "{body}");
     app.stop().await;
 }
+
+/// The sink starts no call that could outlast the caller's deadline: the
+/// items done before it are reported, the rest are not sent.
+#[tokio::test]
+async fn no_call_starts_that_the_deadline_would_cut_and_what_was_done_is_reported() {
+    use optout_relay::sinks::everyaction::{EveryActionSink, VanItem};
+    use optout_relay::sinks::{SinkError, Target};
+    let fake = FakeVan::start(APP, KEY, 1, &[1, 2, 3]).await;
+    let sink = EveryActionSink::new(&van_config(&fake, KEY, None)).expect("builds");
+    let items: Vec<VanItem> = (1..=3)
+        .map(|i| VanItem {
+            phone: Phone::from_stored(format!("+1415555014{i}")),
+            target: Target::OptedOut { since: chrono::Utc::now() },
+            van_ids: vec![i],
+        })
+        .collect();
+    // Room for the first calls (spaced 100ms apart), not for the third.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(700 + 150);
+    let converged = sink.converge(&items, Some(deadline)).await;
+    assert!(matches!(converged.error, Some(SinkError::OutOfTime)), "{converged:?}");
+    assert!(converged.done.len() < items.len(), "{converged:?}");
+    assert_eq!(fake.person_calls().len(), converged.done.len(), "nothing sent past the deadline");
+    for (value, item) in converged.done.iter().zip(&items) {
+        assert_eq!(value["written"], serde_json::json!(item.van_ids));
+    }
+}

@@ -126,7 +126,35 @@ async fn a_receiver_that_refuses_the_signature_is_misconfigured(b: Backend) {
     app.stop().await;
 }
 
+async fn a_webhook_configured_later_receives_the_opt_outs_recorded_before_it(b: Backend) {
+    let receiver = Receiver::start(SECRET).await;
+    // Recorded while no sink was configured.
+    let before = spawn_app(b).await;
+    text(&before, "SMearly", "STOP").await;
+    eventually("the STOP recorded", || async { opted_out(&before.store, PHONE).await == Some(true) }).await;
+
+    // The same database, now with the webhook.
+    let mut config = base_config(&before.db_url);
+    hook_to(&receiver)(&mut config);
+    let app = optout_relay::startup::Application::build(config).await.expect("build");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(app.run_until(shutdown.clone()));
+    let got = eventually_some("the backfilled delivery", || async {
+        let d = receiver.deliveries();
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(got[0].body["type"], "phone.opted_out");
+    assert_eq!(got[0].body["data"]["phone"], PHONE);
+    assert!(got[0].verified);
+    done(&before.store, true).await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(PATIENCE, handle).await;
+    before.stop().await;
+}
+
 both_backends!(
+    a_webhook_configured_later_receives_the_opt_outs_recorded_before_it,
     opt_out_and_opt_in_are_posted_signed_so_an_independent_receiver_verifies_them,
     every_retry_of_one_delivery_keeps_its_webhook_id_and_body,
     a_410_gone_marks_the_sink_misconfigured_and_keeps_the_change,
