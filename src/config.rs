@@ -6,7 +6,8 @@
 //! config cannot leak them. [`Config::problems`] checks the whole struct and
 //! returns every problem, not just the first, for `check-config`.
 //!
-//! Sinks are named: `[sinks.NAME]` with `type = "redcap" | "email"`, and the
+//! Sinks are named: `[sinks.NAME]` with `type = "redcap" | "email" | "everyaction" | "webhook"`
+//! (the last two in `config/outbound.rs`), and the
 //! older `[redcap]` / `[email]` tables are shorthand for sinks named `redcap`
 //! / `email`. [`Config::sinks`] is the one resolved list everything else
 //! reads. This module knows nothing of `crate::sinks` (the sinks import their
