@@ -6,7 +6,8 @@
 //! config cannot leak them. [`Config::problems`] checks the whole struct and
 //! returns every problem, not just the first, for `check-config`.
 //!
-//! Sinks are named: `[sinks.NAME]` with `type = "redcap" | "email"`, and the
+//! Sinks are named: `[sinks.NAME]` with `type = "redcap" | "email" | "everyaction" | "webhook"`
+//! (the last two in `config/outbound.rs`), and the
 //! older `[redcap]` / `[email]` tables are shorthand for sinks named `redcap`
 //! / `email`. [`Config::sinks`] is the one resolved list everything else
 //! reads. This module knows nothing of `crate::sinks` (the sinks import their
@@ -21,6 +22,9 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
+
+mod outbound;
+pub use outbound::{webhook_key, EveryActionConfig, WebhookConfig, DEFAULT_VAN_URL};
 
 /// The environment prefix; `__` separates section from key.
 pub const ENV_PREFIX: &str = "OPTOUT_RELAY__";
@@ -74,6 +78,10 @@ pub enum EmailTls {
 pub enum SinkConfig {
     Redcap(RedcapConfig),
     Email(EmailConfig),
+    /// EveryAction / NGP VAN, one committee (`src/config/outbound.rs`).
+    Everyaction(EveryActionConfig),
+    /// A Standard Webhooks endpoint (`src/config/outbound.rs`).
+    Webhook(WebhookConfig),
 }
 
 impl SinkConfig {
@@ -82,6 +90,8 @@ impl SinkConfig {
         match self {
             SinkConfig::Redcap(c) => c.scopes.as_deref(),
             SinkConfig::Email(c) => c.scopes.as_deref(),
+            SinkConfig::Everyaction(c) => c.scopes.as_deref(),
+            SinkConfig::Webhook(c) => c.scopes.as_deref(),
         }
     }
 
@@ -90,6 +100,8 @@ impl SinkConfig {
         match self {
             SinkConfig::Redcap(_) => "redcap",
             SinkConfig::Email(_) => "email",
+            SinkConfig::Everyaction(_) => "everyaction",
+            SinkConfig::Webhook(_) => "webhook",
         }
     }
 }
@@ -726,6 +738,8 @@ impl Config {
             let config = match sink {
                 SinkConfig::Redcap(r) => SinkRef::Redcap(r),
                 SinkConfig::Email(e) => SinkRef::Email(e),
+                SinkConfig::Everyaction(c) => SinkRef::Everyaction(c),
+                SinkConfig::Webhook(c) => SinkRef::Webhook(c),
             };
             out.push(Declared { name, path: format!("sinks.{name}"), config });
         }
@@ -871,6 +885,14 @@ impl Config {
                 SinkRef::Email(e) => {
                     email_problems(&d.path, e, out);
                     &e.scopes
+                }
+                SinkRef::Everyaction(c) => {
+                    outbound::everyaction_problems(&d.path, c, self.relay.lease, out);
+                    &c.scopes
+                }
+                SinkRef::Webhook(c) => {
+                    outbound::webhook_problems(&d.path, c, self.relay.lease, out);
+                    &c.scopes
                 }
             };
             scope_problems(&d.path, scopes.as_deref(), out);
@@ -1032,6 +1054,8 @@ struct Declared<'a> {
 enum SinkRef<'a> {
     Redcap(&'a RedcapConfig),
     Email(&'a EmailConfig),
+    Everyaction(&'a EveryActionConfig),
+    Webhook(&'a WebhookConfig),
 }
 
 /// `^[a-z0-9_-]+$`: safe in metrics labels, URL paths and (bar `-`)

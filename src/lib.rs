@@ -19,6 +19,7 @@ pub mod store;
 pub mod supervise;
 pub mod telemetry;
 pub mod twilio;
+pub mod van_mapping;
 
 /// reqwest is built with rustls but without a default crypto provider (ring
 /// instead of aws-lc: no C build, smaller binary), so one is installed before

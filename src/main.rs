@@ -89,6 +89,15 @@ enum Command {
         /// The sink's name (a REDCap sink).
         sink: String,
     },
+    /// Import the phone -> vanId mapping every everyaction sink uses (CSV with the
+    /// columns phone, vanid and optionally committeeid; any phone format).
+    ///
+    /// Idempotent: rows already known are left alone. A phone already on the
+    /// opt-out list that gains a vanId is sent to VAN by a running `serve`.
+    ImportVanIds {
+        /// The CSV file, e.g. the Parsons opt-out script's table.
+        file: PathBuf,
+    },
     /// Record an opt-out received another way (call, email, letter); it is relayed like a STOP.
     OptOut(StaffArgs),
     /// Record an opt-in received another way; it is relayed like a START.
@@ -172,6 +181,7 @@ fn main() -> ExitCode {
             Command::Status { phone } => status(config, phone.as_deref()).await,
             Command::Retry { sink } => retry(config, &sink).await,
             Command::Resync { sink } => resync(config, &sink).await,
+            Command::ImportVanIds { file } => import_van_ids(config, &file).await,
             Command::OptOut(args) => staff(config, args, EventKind::OptOut).await,
             Command::OptIn(args) => staff(config, args, EventKind::OptIn).await,
             Command::SendTest { keyword, phone, url, to, messaging_service_sid } => {
@@ -262,6 +272,7 @@ async fn check_config(loaded: Result<Config, optout_relay::config::Unreadable>) 
         // Only a configuration valid by itself is worth testing against REDCap.
         if valid {
             check_redcap(&config, &mut found).await;
+            check_van(&config, &mut found).await;
         }
     } else {
         found.skip("database and REDCap not checked: fix the problems above first".to_owned());
@@ -328,6 +339,21 @@ async fn check_database(config: &Config, found: &mut Findings) {
         )),
     }
     store.close().await;
+}
+
+/// Asks VAN, for every everyaction sink, whether it takes the application
+/// name and key (one read: `apiKeyProfiles`).
+async fn check_van(config: &Config, found: &mut Findings) {
+    for (name, cfg) in config.sinks() {
+        let SinkConfig::Everyaction(cfg) = cfg else { continue };
+        match optout_relay::sinks::everyaction::EveryActionSink::new(&cfg) {
+            Ok(sink) => match sink.named(&name).probe().await {
+                Ok(()) => found.ok(format!("{name}: VAN at {} accepts the application name and API key", cfg.url)),
+                Err(e) => found.fail(format!("{name}: {e}")),
+            },
+            Err(e) => found.fail(format!("{name}: {e}")),
+        }
+    }
 }
 
 /// Asks every REDCap project: token, fields, events, the field's validation.
@@ -418,6 +444,53 @@ async fn retry(config: Config, name: &str) -> anyhow::Result<ExitCode> {
         humantime::format_duration(config.relay.poll_interval * 4)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the mapping file, prints what it read and skipped and why, stores
+/// the new rows, and says which VAN deliveries that queued.
+async fn import_van_ids(config: Config, file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let region = config.keywords.region().context("keywords.default_region is not a region")?;
+    let input = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let read = optout_relay::van_mapping::read(std::io::BufReader::new(input), region)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let sinks: Vec<optout_relay::store::VanSinkScope> = config
+        .sinks()
+        .into_iter()
+        .filter_map(|(sink, c)| match c {
+            SinkConfig::Everyaction(c) => {
+                Some(optout_relay::store::VanSinkScope { sink, committee_id: c.committee_id })
+            }
+            _ => None,
+        })
+        .collect();
+    println!(
+        "{}: {} line(s) read, {} usable row(s), {} repeated in the file, {} skipped",
+        file.display(),
+        read.lines,
+        read.rows.len(),
+        read.repeated,
+        read.skipped.len()
+    );
+    for (line, why) in &read.skipped {
+        println!("  skipped line {line}: {why}");
+    }
+    let store = Store::open_existing(&config.database).await?;
+    let report = store.import_van_ids(&read.rows, &sinks).await;
+    let total = store.van_id_count().await;
+    store.close().await;
+    let report = report?;
+    println!("{} new mapping row(s) stored, {} already known; {} row(s) in all", report.added, report.known, total?);
+    if sinks.is_empty() {
+        println!("no everyaction sink is configured: nothing is sent to VAN until one is");
+    } else {
+        let names: Vec<&str> = sinks.iter().map(|s| s.sink.as_str()).collect();
+        println!(
+            "{} phone(s) on the opt-out list queued for {} (a running `serve` sends them)",
+            report.requeued,
+            names.join(", ")
+        );
+    }
+    Ok(if read.skipped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
 
 async fn resync(config: Config, name: &str) -> anyhow::Result<ExitCode> {

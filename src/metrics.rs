@@ -85,7 +85,7 @@ pub const WEBHOOK_OUTCOMES: &[&str] =
 /// Every event kind (`EventKind::as_str`).
 pub const EVENT_KINDS: &[&str] = &["opt_out", "opt_in", "help"];
 /// Every outcome of a (sink, phone) row (see [`delivery`]).
-pub const DELIVERY_OUTCOMES: &[&str] = &["written", "unchanged", "uncertain", "failed", "dead"];
+pub const DELIVERY_OUTCOMES: &[&str] = &["written", "unchanged", "skipped", "uncertain", "failed", "dead"];
 
 /// Creates every counter at 0 for its known labels, so that `/metrics`
 /// shows every series from the start: `rate()` and `increase()` need a first
@@ -134,7 +134,8 @@ pub fn event(kind: &'static str) {
     metrics::counter!("optout_events_total", "kind" => kind).increment(1);
 }
 
-/// Rows settled by outcome: `written`, `unchanged`, `uncertain`, `failed`, `dead`.
+/// Rows settled by outcome: `written`, `unchanged`, `skipped` (nothing the sink
+/// can take, e.g. no vanId), `uncertain`, `failed`, `dead`.
 pub fn delivery(sink: &str, outcome: &'static str, n: u64) {
     metrics::counter!("optout_deliveries_total", "sink" => sink.to_owned(), "outcome" => outcome).increment(n);
 }

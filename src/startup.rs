@@ -15,7 +15,9 @@ use crate::config::SinkConfig;
 use crate::http::{self, AppState, Inner};
 use crate::relay::{self, Relay};
 use crate::sinks::email::EmailSink;
+use crate::sinks::everyaction::EveryActionSink;
 use crate::sinks::redcap::RedcapSink;
+use crate::sinks::webhook::WebhookSink;
 use crate::sinks::{Sink, SinkKind};
 use crate::store::batch::BatchWriter;
 use crate::store::Store;
@@ -182,6 +184,15 @@ pub fn build_sinks(config: &Config, region: phonenumber::country::Id) -> Result<
                 alert_after: c.alert_after,
                 report_wait: c.report_wait,
             },
+            SinkConfig::Everyaction(c) => SinkKind::EveryAction {
+                sink: EveryActionSink::new(c)
+                    .map_err(|e| StartError::Config(format!("sink {name}: {e}")))?
+                    .named(&name),
+                committee_id: c.committee_id,
+            },
+            SinkConfig::Webhook(c) => SinkKind::Webhook {
+                sink: WebhookSink::new(c).map_err(|e| StartError::Config(format!("sink {name}: {e}")))?.named(&name),
+            },
         };
         sinks.push(Arc::new(Sink { name, scopes, kind }));
     }
@@ -219,7 +230,7 @@ fn start_relay(
     drop(handle);
 }
 
-/// Registers every sink (each due at once) and backfills the REDCap ones
+/// Registers every sink (each due at once) and backfills all but email
 /// with the opt-outs recorded without them. Email is not backfilled: a new
 /// mail sink would otherwise send one message per opt-out ever recorded.
 async fn register(relay: &Relay, follows: &[crate::store::SinkFollow]) -> Result<(), crate::store::StoreError> {
@@ -227,7 +238,8 @@ async fn register(relay: &Relay, follows: &[crate::store::SinkFollow]) -> Result
         tracing::info!(sink = %name, "new sink");
     }
     for (sink, follow) in relay.sinks.iter().zip(follows) {
-        if matches!(sink.kind, SinkKind::Redcap { .. }) {
+        // Systems of record get the list (a webhook subscriber too: it keeps one).
+        if !matches!(sink.kind, SinkKind::Email { .. }) {
             let added = relay.store.backfill(follow).await?;
             if added > 0 {
                 tracing::info!(sink = %sink.name, phones = added, "opt-outs recorded without this sink are queued for it");

@@ -30,7 +30,7 @@ pub async fn watch(relay: Arc<Relay>, shutdown: CancellationToken) {
 async fn look(relay: &Relay) -> Result<(), StoreError> {
     let Some((email_name, email, alert_after)) = relay.sinks.iter().find_map(|s| match &s.kind {
         SinkKind::Email { sink, alert_after, .. } => Some((s.name.as_str(), sink, *alert_after)),
-        SinkKind::Redcap { .. } => None,
+        _ => None,
     }) else {
         return Ok(());
     };

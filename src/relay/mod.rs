@@ -15,6 +15,7 @@
 
 pub mod alerts;
 pub mod backoff;
+mod converging;
 mod fan_out;
 pub mod resync;
 pub mod target;

@@ -16,11 +16,12 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::converging::Converging;
 use super::target::{self, held, target};
 use super::{backoff, Relay};
 use crate::domain::Phone;
 use crate::metrics;
-use crate::sinks::{Cause, Convergence, Notification, ReportOutcome, Sink, SinkError, SinkKind, SinkReport, Target};
+use crate::sinks::{Cause, Notification, ReportOutcome, Sink, SinkError, SinkKind, SinkReport, Target};
 use crate::store::{ClaimedPhone, DeliveryRow, Settle, Settled, StateRow, StoreError};
 
 /// How long before its lease ends a worker stops starting sink calls.
@@ -136,10 +137,7 @@ impl Worker {
                 }
                 // Nothing waits (its rows may all be dead): the sink is asked
                 // directly whether it works, reading, never writing.
-                let probed = match &self.sink.kind {
-                    SinkKind::Redcap { sink, .. } => sink.probe().await,
-                    SinkKind::Email { sink, .. } => sink.probe().await,
-                };
+                let probed = self.sink.kind.probe().await;
                 return match probed {
                     Ok(()) => {
                         tracing::info!(sink = name, "sink works again");
@@ -157,9 +155,13 @@ impl Worker {
         }
         let full = batch.len() >= limit as usize;
         let deadline = (claimed_at + policy.lease).checked_sub(LEASE_MARGIN).unwrap_or(claimed_at);
-        let (outcome, settles) = match &self.sink.kind {
-            SinkKind::Redcap { sink, .. } => self.converge(batch, sink, deadline).await?,
-            SinkKind::Email { sink, report_wait, .. } => self.notify(batch, sink, *report_wait, deadline).await?,
+        let (outcome, settles) = match (&self.sink.kind, Converging::of(&self.sink.kind)) {
+            (_, Some(sink)) => self.converge(batch, sink, deadline).await?,
+            (SinkKind::Email { sink, report_wait, .. }, None) => {
+                self.notify(batch, sink, *report_wait, deadline).await?
+            }
+            // `Converging::of` is None for email only.
+            (_, None) => return Ok(Pass::Idle(policy.poll_interval)),
         };
         if !matches!(outcome, Called::Failed(_)) {
             // Rows first, then health: whoever sees the sink healthy sees its rows settled.
@@ -221,7 +223,7 @@ impl Worker {
     async fn converge(
         &self,
         batch: Vec<ClaimedPhone>,
-        sink: &crate::sinks::redcap::RedcapSink,
+        sink: Converging<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<(Called, Vec<Settled>), StoreError> {
         let states = self.states(&batch).await?;
@@ -238,92 +240,101 @@ impl Worker {
             }
         }
         metrics::delivery(name, "unchanged", settles.len() as u64);
-        let called = if send.is_empty() {
-            Called::Nothing
-        } else {
-            metrics::attempts(name, send.len() as u64);
-            let items: Vec<Convergence> =
-                send.iter().map(|(row, t)| Convergence { phone: row.phone.clone(), target: *t }).collect();
-            let started = std::time::Instant::now();
-            let result = sink.converge(&items, Some(deadline)).await;
-            let ms = started.elapsed().as_millis() as u64;
-            match result {
-                Ok(values) => {
-                    let mut values = values.into_iter();
-                    for (row, t) in &send {
-                        settles.push(Settled {
-                            id: row.id,
-                            generation: row.generation,
-                            how: written(*t, values.next()),
-                        });
-                    }
-                    metrics::delivery(name, "written", send.len() as u64);
-                    // One line per row: an operator follows a phone by its delivery or event id.
-                    for (row, t) in &send {
-                        tracing::info!(
+        if send.is_empty() {
+            return Ok((Called::Nothing, settles));
+        }
+        let started = std::time::Instant::now();
+        let call = sink.call(&self.relay, self.sink.scopes.as_deref(), &send, &states, deadline).await?;
+        let ms = started.elapsed().as_millis() as u64;
+        // Rows the sink could not take (a phone with no vanId): done, with why.
+        for (i, detail) in call.skipped {
+            let (row, t) = send[i];
+            tracing::info!(
+                sink = name,
+                delivery_id = row.id,
+                event_id = row.event_id,
+                phone = %row.phone.masked(),
+                reason = %detail.get("skipped").and_then(serde_json::Value::as_str).unwrap_or_default(),
+                "nothing to send for this phone"
+            );
+            settles.push(Settled { id: row.id, generation: row.generation, how: written(t, Some(detail)) });
+        }
+        metrics::delivery(name, "skipped", (send.len() - call.sent.len()) as u64);
+        if call.sent.is_empty() {
+            return Ok((Called::Nothing, settles));
+        }
+        metrics::attempts(name, call.sent.len() as u64);
+        let done = call.converged.done.len().min(call.sent.len());
+        let (ok, rest) = call.sent.split_at(done);
+        for (&i, value) in ok.iter().zip(call.converged.done) {
+            let (row, t) = send[i];
+            settles.push(Settled { id: row.id, generation: row.generation, how: written(t, Some(value)) });
+            // One line per row: an operator follows a phone by its delivery or event id.
+            tracing::info!(
+                sink = name,
+                delivery_id = row.id,
+                event_id = row.event_id,
+                attempt = row.attempts + 1,
+                opted_out = t.is_opted_out(),
+                batch = call.sent.len(),
+                ms,
+                "sink brought to target"
+            );
+        }
+        metrics::delivery(name, "written", ok.len() as u64);
+        let called = match call.converged.error {
+            None => Called::Ok,
+            Some(SinkError::OutOfTime) => {
+                // Nothing sent for the rest, nothing learnt about the sink: those
+                // rows go back as they were, due now, and the sink's health stays.
+                let now = Utc::now();
+                for &i in rest {
+                    let (row, _) = send[i];
+                    settles.push(Settled { id: row.id, generation: row.generation, how: Settle::Wait { until: now } });
+                }
+                tracing::info!(sink = name, phones = rest.len(), "lease too short for the call; rows put back");
+                if ok.is_empty() {
+                    Called::Deferred
+                } else {
+                    Called::Ok
+                }
+            }
+            Some(error) => {
+                let (soon, late) = self.recheck_times();
+                for &i in rest {
+                    let (row, t) = send[i];
+                    let how = match &error {
+                        SinkError::Uncertain(e) => Settle::Uncertain { held: held(t), error: e.clone(), soon, late },
+                        other => Settle::Failed { error: other.to_string() },
+                    };
+                    settles.push(Settled { id: row.id, generation: row.generation, how });
+                }
+                let outcome = if matches!(error, SinkError::Uncertain(_)) { "uncertain" } else { "failed" };
+                metrics::delivery(name, outcome, rest.len() as u64);
+                for &i in rest {
+                    let (row, _) = send[i];
+                    match &error {
+                        SinkError::Uncertain(_) => tracing::warn!(
                             sink = name,
                             delivery_id = row.id,
                             event_id = row.event_id,
                             attempt = row.attempts + 1,
-                            opted_out = t.is_opted_out(),
-                            batch = send.len(),
-                            ms,
-                            "sink brought to target"
-                        );
+                            %error,
+                            next_attempt_at = %soon.to_rfc3339(),
+                            recheck_late_at = %late.to_rfc3339(),
+                            "write of unknown outcome; it will be re-read"
+                        ),
+                        _ => tracing::warn!(
+                            sink = name,
+                            delivery_id = row.id,
+                            event_id = row.event_id,
+                            attempt = row.attempts + 1,
+                            %error,
+                            "not written; retried when the sink's backoff ends (next_attempt_at on the sink's line)"
+                        ),
                     }
-                    Called::Ok
                 }
-                Err(SinkError::OutOfTime) => {
-                    // Nothing sent, nothing learnt about the sink: the rows go
-                    // back as they were, due now, and the sink's health stays.
-                    let now = Utc::now();
-                    for (row, _) in &send {
-                        settles.push(Settled {
-                            id: row.id,
-                            generation: row.generation,
-                            how: Settle::Wait { until: now },
-                        });
-                    }
-                    tracing::info!(sink = name, phones = send.len(), "lease too short for the call; rows put back");
-                    Called::Deferred
-                }
-                Err(error) => {
-                    let (soon, late) = self.recheck_times();
-                    for (row, t) in &send {
-                        let how = match &error {
-                            SinkError::Uncertain(e) => {
-                                Settle::Uncertain { held: held(*t), error: e.clone(), soon, late }
-                            }
-                            other => Settle::Failed { error: other.to_string() },
-                        };
-                        settles.push(Settled { id: row.id, generation: row.generation, how });
-                    }
-                    let outcome = if matches!(error, SinkError::Uncertain(_)) { "uncertain" } else { "failed" };
-                    metrics::delivery(name, outcome, send.len() as u64);
-                    for (row, _) in &send {
-                        match &error {
-                            SinkError::Uncertain(_) => tracing::warn!(
-                                sink = name,
-                                delivery_id = row.id,
-                                event_id = row.event_id,
-                                attempt = row.attempts + 1,
-                                %error,
-                                next_attempt_at = %soon.to_rfc3339(),
-                                recheck_late_at = %late.to_rfc3339(),
-                                "write of unknown outcome; it will be re-read"
-                            ),
-                            _ => tracing::warn!(
-                                sink = name,
-                                delivery_id = row.id,
-                                event_id = row.event_id,
-                                attempt = row.attempts + 1,
-                                %error,
-                                "not written; retried when the sink's backoff ends (next_attempt_at on the sink's line)"
-                            ),
-                        }
-                    }
-                    Called::Failed(error)
-                }
+                Called::Failed(error)
             }
         };
         Ok((called, settles))

@@ -5,7 +5,10 @@
 //! backoff and for re-reads (`SinkError`).
 
 pub mod email;
+pub mod everyaction;
+mod http;
 pub mod redcap;
+pub mod webhook;
 
 use std::time::Duration;
 
@@ -60,6 +63,46 @@ pub enum SinkKind {
         /// How long a notification waits for the other sinks' outcome.
         report_wait: Duration,
     },
+    /// EveryAction / NGP VAN, one committee.
+    EveryAction {
+        sink: everyaction::EveryActionSink,
+        /// Only mapping rows of this committee; `None`: every row.
+        committee_id: Option<u64>,
+    },
+    Webhook {
+        sink: webhook::WebhookSink,
+    },
+}
+
+impl SinkKind {
+    pub async fn probe(&self) -> Result<(), SinkError> {
+        match self {
+            SinkKind::Redcap { sink, .. } => sink.probe().await,
+            SinkKind::Email { sink, .. } => sink.probe().await,
+            SinkKind::EveryAction { sink, .. } => sink.probe().await,
+            SinkKind::Webhook { sink } => sink.probe().await,
+        }
+    }
+}
+
+/// What a converging sink did with a batch: `done` holds the sink's
+/// account of each item it brought to its target, in order, from the
+/// first; the items after them are not done, and `error` says why
+/// (`OutOfTime`: not started, the caller's deadline was near).
+#[derive(Debug)]
+pub struct Converged {
+    pub done: Vec<Value>,
+    pub error: Option<SinkError>,
+}
+
+impl From<Result<Vec<Value>, SinkError>> for Converged {
+    /// A sink that does a batch all or nothing.
+    fn from(r: Result<Vec<Value>, SinkError>) -> Converged {
+        match r {
+            Ok(done) => Converged { done, error: None },
+            Err(error) => Converged { done: Vec::new(), error: Some(error) },
+        }
+    }
 }
 
 impl Sink {
@@ -69,13 +112,24 @@ impl Sink {
         match self.kind {
             SinkKind::Redcap { .. } => configured,
             SinkKind::Email { .. } => configured.min(20),
+            // One call (or more) per phone, spaced by the sink's limiter:
+            // small batches finish well inside a lease and settle often.
+            SinkKind::EveryAction { .. } | SinkKind::Webhook { .. } => configured.min(20),
         }
+    }
+
+    /// Asks the sink whether it works, reading, never writing: how a
+    /// failing sink with nothing waiting finds out it works again.
+    pub async fn probe(&self) -> Result<(), SinkError> {
+        self.kind.probe().await
     }
 
     pub fn type_name(&self) -> &'static str {
         match self.kind {
             SinkKind::Redcap { .. } => "redcap",
             SinkKind::Email { .. } => "email",
+            SinkKind::EveryAction { .. } => "everyaction",
+            SinkKind::Webhook { .. } => "webhook",
         }
     }
 }

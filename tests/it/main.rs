@@ -18,3 +18,5 @@ mod relay;
 mod shutdown;
 mod store;
 mod supervise;
+mod van_sink;
+mod webhook_sink;

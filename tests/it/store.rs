@@ -342,7 +342,7 @@ async fn postgres_and_sqlite_migrations_describe_the_same_schema() {
     let lite = fresh_store(Backend::Sqlite).await;
     let a = pg_schema(&pg.url).await;
     let b = sqlite_schema(&lite.url).await;
-    assert_eq!(a.keys().collect::<Vec<_>>(), ["changes", "events", "opt_out_state", "sink_phones", "sinks"]);
+    assert_eq!(a.keys().collect::<Vec<_>>(), ["changes", "events", "opt_out_state", "sink_phones", "sinks", "van_ids"]);
     for (table, shape) in &a {
         assert_eq!(Some(shape), b.get(table), "table {table}: PostgreSQL (left) and SQLite (right) differ");
     }
@@ -368,6 +368,10 @@ async fn postgres_and_sqlite_migrations_describe_the_same_schema() {
         "one row per sink and phone"
     );
     assert!(a["opt_out_state"].columns.contains(&("since".to_owned(), true)));
+    assert!(
+        a["van_ids"].uniques.contains(&vec!["phone".to_owned(), "van_id".to_owned(), "committee_id".to_owned()]),
+        "a mapping row once per (phone, vanId, committee): imports are idempotent"
+    );
     pg.stop().await;
     lite.stop().await;
 }

@@ -223,6 +223,10 @@ fn describe_detail(detail: &Value) -> String {
             out.push_str(&format!("      Skipped: {}\n", cut(&one_line(skipped), MAX_QUOTED_CHARS)));
         }
     }
+    // A sink's remark on what it could not do (VAN: a vanId it has no person for).
+    if let Some(note) = detail.get("note").and_then(Value::as_str) {
+        out.push_str(&format!("      Note: {}\n", cut(&one_line(note), MAX_QUOTED_CHARS)));
+    }
     out
 }
 
@@ -381,6 +385,10 @@ mod tests {
         assert_eq!(describe_detail(&json!({"records": ["a\nb", null, 3]})), "      Records with this number: a b, 3\n");
         assert_eq!(describe_detail(&json!({"written": ["9"]})), "      Written: 9\n");
         assert_eq!(describe_detail(&json!({"skipped": "nothing\nto do"})), "      Skipped: nothing to do\n");
+        assert_eq!(
+            describe_detail(&json!({"written": [101], "note": "VAN has no person with vanId 999"})),
+            "      Written: 101\n      Note: VAN has no person with vanId 999\n"
+        );
         let n = change(
             out(),
             None,

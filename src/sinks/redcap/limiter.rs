@@ -15,13 +15,13 @@ use tokio::time::Instant;
 /// holds more than `per_minute` of them. Shared by every clone of the sink,
 /// but per process: replicas behind one IP must split REDCap's limit.
 #[derive(Clone)]
-pub(super) struct Limiter {
+pub(crate) struct Limiter {
     interval: Duration,
     next: Arc<tokio::sync::Mutex<Instant>>,
 }
 
 impl Limiter {
-    pub(super) fn per_minute(per_minute: u32) -> Limiter {
+    pub(crate) fn per_minute(per_minute: u32) -> Limiter {
         Limiter {
             interval: Duration::from_secs(60) / per_minute.max(1),
             next: Arc::new(tokio::sync::Mutex::new(Instant::now())),
@@ -29,12 +29,12 @@ impl Limiter {
     }
 
     /// The spacing between two calls: the longest a lone caller waits.
-    pub(super) fn interval(&self) -> Duration {
+    pub(crate) fn interval(&self) -> Duration {
         self.interval
     }
 
     /// Reserves the next slot, then sleeps until it (the lock is not held while sleeping).
-    pub(super) async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         let at = {
             let mut next = self.next.lock().await;
             let at = (*next).max(Instant::now());

@@ -40,7 +40,7 @@
 mod api;
 mod check;
 mod compare;
-mod limiter;
+pub(crate) mod limiter;
 mod matching;
 mod records;
 mod schema;

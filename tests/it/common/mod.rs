@@ -6,6 +6,8 @@
 
 pub mod fake_redcap;
 pub mod fake_smtp;
+pub mod fake_van;
+pub mod webhook_receiver;
 
 use std::future::Future;
 use std::net::SocketAddr;
