@@ -75,6 +75,11 @@ fn describe() {
         "optout_requests_held_for_schema_total",
         "Writes held at start until this process's migrations were applied"
     );
+    describe_counter!(
+        "optout_reconcile_missed_total",
+        "Events found in Twilio's message log (reconciliation, backfill) that no endpoint had delivered, by kind"
+    );
+    describe_counter!("optout_reconcile_runs_total", "Periodic reconciliation runs, by outcome (ok, failed)");
     describe_histogram!("optout_webhook_duration_seconds", Unit::Seconds, "Webhook handling time");
     describe_histogram!("optout_sink_call_duration_seconds", Unit::Seconds, "Calls to a sink's API, by sink and call");
 }
@@ -104,6 +109,10 @@ pub fn register(sinks: &[&str]) {
     metrics::counter!("optout_requests_held_for_schema_total").increment(0);
     for kind in EVENT_KINDS {
         metrics::counter!("optout_events_total", "kind" => *kind).absolute(0);
+        metrics::counter!("optout_reconcile_missed_total", "kind" => *kind).absolute(0);
+    }
+    for outcome in ["ok", "failed"] {
+        metrics::counter!("optout_reconcile_runs_total", "outcome" => outcome).absolute(0);
     }
     for sink in sinks {
         for outcome in DELIVERY_OUTCOMES {
@@ -183,4 +192,14 @@ pub fn queue_stats_read(ok: bool) {
 
 pub fn task_panic(task: &str) {
     metrics::counter!("optout_task_panics_total", "task" => task.to_owned()).increment(1);
+}
+
+/// An event found in Twilio's message log that no endpoint had delivered.
+pub fn reconcile_missed(kind: &'static str) {
+    metrics::counter!("optout_reconcile_missed_total", "kind" => kind).increment(1);
+}
+
+/// A periodic reconciliation run ended: `ok` or `failed`.
+pub fn reconcile_run(outcome: &'static str) {
+    metrics::counter!("optout_reconcile_runs_total", "outcome" => outcome).increment(1);
 }

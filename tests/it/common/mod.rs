@@ -6,6 +6,7 @@
 
 pub mod fake_redcap;
 pub mod fake_smtp;
+pub mod fake_twilio;
 
 use std::future::Future;
 use std::net::SocketAddr;
