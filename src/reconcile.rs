@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ReconcileConfig;
 use crate::domain::{EventKind, MessageSid, Phone};
-use crate::store::{NewEvent, RecordOutcome, Store, StoreError};
-use crate::twilio::keywords::Keywords;
+use crate::store::{NewEvent, NewReview, RecordOutcome, Store, StoreError};
+use crate::twilio::keywords::{Classified, Keywords};
 use crate::twilio::messages::{Listing, Message, MessagesClient, MessagesError, MAX_PAGE_SIZE};
 
 /// `source` of the events reconciliation records.
@@ -61,6 +61,8 @@ pub struct Summary {
     pub not_keywords: usize,
     /// Keyword messages whose sender is not a phone number (or that lack a sid).
     pub unreadable: usize,
+    /// Review items created now (possible revocations for staff).
+    pub new_reviews: usize,
 }
 
 impl Summary {
@@ -73,6 +75,8 @@ impl Summary {
 #[derive(Debug)]
 pub enum Reading {
     Event(Box<NewEvent>),
+    /// A possible revocation for staff (`[keywords] review`).
+    Review(Box<NewReview>),
     NotAKeyword,
     Unreadable(String),
 }
@@ -82,7 +86,11 @@ pub enum Reading {
 /// same scope (the Messaging Service, else the number texted). Pure.
 pub fn read_message(m: &Message, keywords: &Keywords, region: country::Id, now: DateTime<Utc>) -> Reading {
     let body = m.body.clone().unwrap_or_default();
-    let Some(kind) = keywords.classify(None, &body) else { return Reading::NotAKeyword };
+    let (kind, review) = match keywords.classify_message(None, &body) {
+        Classified::Nothing => return Reading::NotAKeyword,
+        Classified::Event(kind) => (kind, None),
+        Classified::Review { matched } => (EventKind::OptOut, Some(matched)),
+    };
     let Some(message_sid) = MessageSid::parse(m.sid.trim()) else {
         return Reading::Unreadable("a message without a sid".to_owned());
     };
@@ -96,7 +104,7 @@ pub fn read_message(m: &Message, keywords: &Keywords, region: country::Id, now: 
     let scope = messaging_service_sid.clone().or_else(|| to.clone()).unwrap_or_else(|| "default".to_owned());
     // A clock ahead of ours must not let one message outrank every later one.
     let said_at = m.sent_at().filter(|t| *t <= now).unwrap_or(now);
-    Reading::Event(Box::new(NewEvent {
+    let event = NewEvent {
         message_sid,
         account_sid: non_empty(&m.account_sid),
         messaging_service_sid,
@@ -109,7 +117,11 @@ pub fn read_message(m: &Message, keywords: &Keywords, region: country::Id, now: 
         params: serde_json::to_value(m).unwrap_or_default(),
         received_at: said_at,
         source: SOURCE.to_owned(),
-    }))
+    };
+    match review {
+        Some(matched) => Reading::Review(Box::new(NewReview { event, matched })),
+        None => Reading::Event(Box::new(event)),
+    }
 }
 
 /// The listings of a window: one for the account, or one per `to` number.
@@ -170,6 +182,14 @@ impl Reconciler {
         Ok(summary)
     }
 
+    fn show(&self, phone: &Phone) -> String {
+        if self.inner.mask_phones {
+            phone.masked()
+        } else {
+            phone.as_str().to_owned()
+        }
+    }
+
     async fn record_page(&self, messages: Vec<Message>, summary: &mut Summary) -> Result<(), ReconcileError> {
         let now = Utc::now();
         let mut events = Vec::new();
@@ -177,6 +197,18 @@ impl Reconciler {
             summary.inbound += 1;
             match read_message(m, &self.inner.keywords, self.inner.region, now) {
                 Reading::Event(e) => events.push(*e),
+                Reading::Review(r) => {
+                    if let RecordOutcome::Recorded(id) = self.inner.store.record_review(&r).await? {
+                        summary.new_reviews += 1;
+                        crate::metrics::review_created();
+                        tracing::info!(
+                            review = id,
+                            message_sid = r.event.message_sid.as_str(),
+                            phone = %self.show(&r.event.phone),
+                            "reconcile: possible revocation held for review"
+                        );
+                    }
+                }
                 Reading::NotAKeyword => summary.not_keywords += 1,
                 Reading::Unreadable(why) => {
                     summary.unreadable += 1;
@@ -201,8 +233,7 @@ impl Reconciler {
                     }
                     crate::metrics::event(event.kind.as_str());
                     crate::metrics::reconcile_missed(event.kind.as_str());
-                    let phone =
-                        if self.inner.mask_phones { event.phone.masked() } else { event.phone.as_str().to_owned() };
+                    let phone = self.show(&event.phone);
                     tracing::warn!(
                         event_id = id,
                         message_sid = event.message_sid.as_str(),
@@ -310,11 +341,13 @@ mod tests {
         let cases = [
             (message("SM1", "+14155550101", "thanks!", "Mon, 23 Nov 2026 17:45:04 +0000"), "not"),
             (message("SM2", "client:alice", "STOP", "Mon, 23 Nov 2026 17:45:04 +0000"), "unreadable"),
+            (message("SM5", "+14155550101", "please stop texting me", "Mon, 23 Nov 2026 17:45:04 +0000"), "review"),
             (message("", "+14155550101", "STOP", "Mon, 23 Nov 2026 17:45:04 +0000"), "unreadable"),
         ];
         for (m, want) in cases {
             let got = match read_message(&m, &k, country::Id::US, now) {
                 Reading::Event(_) => "event",
+                Reading::Review(_) => "review",
                 Reading::NotAKeyword => "not",
                 Reading::Unreadable(_) => "unreadable",
             };

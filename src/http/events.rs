@@ -28,7 +28,9 @@ use super::error::ApiError;
 use super::AppState;
 use crate::domain::mask_phones_in;
 use crate::metrics;
-use crate::store::{NewEvent, RecordOutcome, StoreError};
+use crate::domain::EventKind;
+use crate::store::{NewEvent, NewReview, RecordOutcome, StoreError};
+use crate::twilio::keywords::Classified;
 use crate::twilio::events::{parse_batch, Item};
 use crate::twilio::signature::SignedBody;
 
@@ -95,6 +97,7 @@ async fn handle(
     let mut summary = Summary::default();
     let mut invalid: Vec<String> = Vec::new();
     let mut to_record: Vec<NewEvent> = Vec::new();
+    let mut to_review: Vec<NewReview> = Vec::new();
     let now = Utc::now();
     for item in items {
         let message = match item {
@@ -113,10 +116,15 @@ async fn handle(
         };
         // Classified before the sender is read: a message that is no keyword
         // is ignored whatever channel it came by, as nothing would be recorded.
-        let Some(kind) = app.keywords.classify(message.opt_out_type.as_deref(), &message.body) else {
-            summary.ignored += 1;
-            metrics::event_stream("ignored");
-            continue;
+        let (kind, review) = match app.keywords.classify_message(message.opt_out_type.as_deref(), &message.body) {
+            Classified::Nothing => {
+                summary.ignored += 1;
+                metrics::event_stream("ignored");
+                continue;
+            }
+            Classified::Event(kind) => (kind, None),
+            // Held as the opt-out it may be, for staff to decide.
+            Classified::Review { matched } => (EventKind::OptOut, Some(matched)),
         };
         let phone = match message.phone(app.region) {
             Ok(p) => p,
@@ -131,17 +139,18 @@ async fn handle(
         // webhook's does (the last message's, for a batch of several).
         let span = tracing::Span::current();
         span.record("phone", tracing::field::display(app.show_phone(&phone)));
-        span.record("kind", kind.as_str());
+        let shown_kind = if review.is_some() { "review" } else { kind.as_str() };
+        span.record("kind", shown_kind);
         tracing::info!(
             message_sid = message.message_sid.as_str(),
             phone = %app.show_phone(&phone),
-            kind = kind.as_str(),
+            kind = shown_kind,
             "event stream: inbound message to record"
         );
         let said_at = message.said_at(now);
         let scope = message.scope().to_owned();
         let m = *message;
-        to_record.push(NewEvent {
+        let event = NewEvent {
             scope,
             message_sid: m.message_sid,
             account_sid: m.account_sid,
@@ -154,7 +163,45 @@ async fn handle(
             params: m.event,
             received_at: said_at,
             source: SOURCE.to_owned(),
-        });
+        };
+        match review {
+            Some(matched) => to_review.push(NewReview { event, matched }),
+            None => to_record.push(event),
+        }
+    }
+
+    if !to_review.is_empty() {
+        let held = tokio::time::timeout(ANSWER_WITHIN, async {
+            app.schema_ready().await.map_err(whole)?;
+            let mut outcomes = Vec::new();
+            for review in to_review {
+                outcomes.push(super::reviews::hold(app, review).await);
+            }
+            Ok::<_, ApiError>(outcomes)
+        })
+        .await
+        .map_err(|_| {
+            whole(ApiError::Unavailable(StoreError::Unavailable(format!(
+                "review items not committed within {}s; Event Streams will retry",
+                ANSWER_WITHIN.as_secs()
+            ))))
+        })??;
+        for outcome in held {
+            match outcome {
+                Ok(RecordOutcome::Recorded(_)) => {
+                    metrics::event_stream("accepted");
+                    summary.recorded += 1;
+                }
+                Ok(RecordOutcome::Duplicate) => {
+                    metrics::event_stream("duplicate");
+                    summary.duplicates += 1;
+                }
+                Err(e) => {
+                    metrics::event_stream("store_unavailable");
+                    return Err(e);
+                }
+            }
+        }
     }
 
     if !to_record.is_empty() {

@@ -24,6 +24,7 @@ mod ingest;
 mod model;
 mod queue;
 mod read;
+mod reviews;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -37,6 +38,7 @@ use crate::config::DatabaseConfig;
 pub use health::Failing;
 pub use model::*;
 pub use queue::Settled;
+pub use reviews::{Decided, Decision, NewReview, ReviewRow, ReviewStats};
 
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
