@@ -47,6 +47,14 @@ pub struct Summary {
     pub duplicates: usize,
     /// Other event types, and messages that are no opt-out, opt-in or help.
     pub ignored: usize,
+    /// Messages held for staff review (possible revocations in free text),
+    /// newly or again; absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reviews: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 pub async fn receive(
@@ -58,7 +66,7 @@ pub async fn receive(
     let result = handle(&app, &uri, &headers, body).await;
     let outcome = match &result {
         // The request's log line says what the delivery amounted to as a whole.
-        Ok(s) if s.recorded > 0 => "accepted",
+        Ok(s) if s.recorded > 0 || s.reviews > 0 => "accepted",
         Ok(s) if s.duplicates > 0 => "duplicate",
         Ok(_) => "ignored",
         Err(e) => e.outcome(),
@@ -190,11 +198,11 @@ async fn handle(
             match outcome {
                 Ok(RecordOutcome::Recorded(_)) => {
                     metrics::event_stream("accepted");
-                    summary.recorded += 1;
+                    summary.reviews += 1;
                 }
                 Ok(RecordOutcome::Duplicate) => {
                     metrics::event_stream("duplicate");
-                    summary.duplicates += 1;
+                    summary.reviews += 1;
                 }
                 Err(e) => {
                     metrics::event_stream("store_unavailable");

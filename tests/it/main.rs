@@ -14,6 +14,7 @@ mod event_streams;
 mod hostile;
 mod ingest;
 mod reconcile;
+mod reviews;
 mod redcap_sink;
 mod relay;
 mod shutdown;
