@@ -892,7 +892,10 @@ impl Config {
             out.push("reconcile.interval must be at least 1s".to_owned());
         }
         if t.account_sid.as_deref().is_none_or(|s| s.trim().is_empty()) {
-            out.push("reconcile.interval is set but twilio.account_sid is not (OPTOUT_RELAY__TWILIO__ACCOUNT_SID)".to_owned());
+            out.push(
+                "reconcile.interval is set but twilio.account_sid is not (OPTOUT_RELAY__TWILIO__ACCOUNT_SID)"
+                    .to_owned(),
+            );
         }
         if t.api_key_sid.is_none() && t.auth_tokens.is_empty() {
             out.push(

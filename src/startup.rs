@@ -185,8 +185,14 @@ fn build_reconciler(
     let client = crate::twilio::messages::MessagesClient::from_config(&config.twilio)
         .map_err(|e| StartError::Config(format!("reconcile: {e}")))?;
     let keywords = Keywords::new(&config.keywords);
-    let reconciler =
-        crate::reconcile::Reconciler::new(client, store.clone(), keywords, region, config.log.mask_phones, Some(recorded));
+    let reconciler = crate::reconcile::Reconciler::new(
+        client,
+        store.clone(),
+        keywords,
+        region,
+        config.log.mask_phones,
+        Some(recorded),
+    );
     Ok(Some((reconciler, interval)))
 }
 

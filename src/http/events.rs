@@ -27,11 +27,11 @@ use futures_util::future::join_all;
 use super::error::ApiError;
 use super::AppState;
 use crate::domain::mask_phones_in;
-use crate::metrics;
 use crate::domain::EventKind;
+use crate::metrics;
 use crate::store::{NewEvent, NewReview, RecordOutcome, StoreError};
-use crate::twilio::keywords::Classified;
 use crate::twilio::events::{parse_batch, Item};
+use crate::twilio::keywords::Classified;
 use crate::twilio::signature::SignedBody;
 
 /// Event Streams wants a 2xx within 5 s; the rest of the 5 s is for the network.

@@ -12,8 +12,8 @@ use chrono::Utc;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::metrics;
 use crate::domain::EventKind;
+use crate::metrics;
 use crate::store::{NewEvent, NewReview, RecordOutcome};
 use crate::twilio::keywords::Classified;
 use crate::twilio::signature::SignedBody;

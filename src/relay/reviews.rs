@@ -39,7 +39,7 @@ async fn pass(relay: &Relay) -> Result<(), StoreError> {
     let mut failed = false;
     for sink in &relay.sinks {
         let SinkKind::Email { sink: email, .. } = &sink.kind else { continue };
-        let follows = |r: &&ReviewRow| sink.scopes.as_ref().is_none_or(|s| s.iter().any(|s| *s == r.scope));
+        let follows = |r: &&ReviewRow| sink.scopes.as_ref().is_none_or(|s| s.contains(&r.scope));
         let items: Vec<ReviewItem> = rows.iter().filter(follows).map(item).collect();
         if let Err(e) = email.reviews(&items).await {
             tracing::warn!(sink = %sink.name, error = %e, "cannot send the review mail; will try again");

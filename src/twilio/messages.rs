@@ -33,9 +33,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum MessagesError {
     #[error("no twilio.account_sid configured: reading Twilio's message log needs the account (AC…)")]
     NoAccount,
-    #[error(
-        "no credential for Twilio's API: set twilio.api_key_sid and twilio.api_key_secret, or twilio.auth_tokens"
-    )]
+    #[error("no credential for Twilio's API: set twilio.api_key_sid and twilio.api_key_secret, or twilio.auth_tokens")]
     NoCredential,
     #[error(
         "Twilio refused the credentials (401): check twilio.account_sid and twilio.api_key_sid/api_key_secret \

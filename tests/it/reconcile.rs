@@ -52,9 +52,24 @@ async fn reconciliation_finds_a_stop_the_webhook_missed_and_does_not_duplicate_o
     let missed_at = ago(chrono::Duration::hours(3));
     let fake = FakeTwilio::start(vec![
         FakeMessage::inbound("SMrec0000000000000000000000000001", "+14155554101", "Stop.", missed_at),
-        FakeMessage::outbound("SMrec0000000000000000000000000002", "+14155554102", "STOP", ago(chrono::Duration::hours(2))),
-        FakeMessage::inbound("SMrec0000000000000000000000000003", "+14155554103", "thanks!", ago(chrono::Duration::hours(1))),
-        FakeMessage::inbound("SMrec0000000000000000000000000004", "+14155554104", "STOP", ago(chrono::Duration::days(20))),
+        FakeMessage::outbound(
+            "SMrec0000000000000000000000000002",
+            "+14155554102",
+            "STOP",
+            ago(chrono::Duration::hours(2)),
+        ),
+        FakeMessage::inbound(
+            "SMrec0000000000000000000000000003",
+            "+14155554103",
+            "thanks!",
+            ago(chrono::Duration::hours(1)),
+        ),
+        FakeMessage::inbound(
+            "SMrec0000000000000000000000000004",
+            "+14155554104",
+            "STOP",
+            ago(chrono::Duration::days(20)),
+        ),
     ])
     .await;
     let base = fake.base.clone();
@@ -88,7 +103,9 @@ async fn reconciliation_finds_a_stop_the_webhook_missed_and_does_not_duplicate_o
     let delivered_events: Vec<_> = events.iter().filter(|e| e.message_sid == delivered).collect();
     assert_eq!(delivered_events.len(), 1, "one event per MessageSid: {events:?}");
     assert_eq!(delivered_events[0].source, "twilio", "the webhook's event stands");
-    for sid in ["SMrec0000000000000000000000000002", "SMrec0000000000000000000000000003", "SMrec0000000000000000000000000004"] {
+    for sid in
+        ["SMrec0000000000000000000000000002", "SMrec0000000000000000000000000003", "SMrec0000000000000000000000000004"]
+    {
         assert!(event_of(&events, sid).is_none(), "{sid} must not be recorded: {events:?}");
     }
     assert_eq!(events.len(), 2, "{events:?}");
@@ -169,7 +186,10 @@ async fn a_401_is_a_clear_error_and_not_retried(b: Backend) {
     cfg.api_key_secret = Some(SecretString::from("key-secret"));
     let summary = reconciler(&store, &cfg).run(&listings(&[], since, None)).await.expect("a run");
     assert_eq!(summary.missed_opt_outs, 1);
-    assert_eq!(fake.requests().last().and_then(|r| r.user.clone()).as_deref(), Some("SK00000000000000000000000000000009"));
+    assert_eq!(
+        fake.requests().last().and_then(|r| r.user.clone()).as_deref(),
+        Some("SK00000000000000000000000000000009")
+    );
     store.close().await;
     drop_database(&db).await;
 }
@@ -180,12 +200,22 @@ async fn listing_per_number_filters_by_to(b: Backend) {
     let db = fresh_database(b, &dir).await;
     let store = Store::connect_lazy(&base_config(&db).database).unwrap();
     store.migrate().await.unwrap();
-    let mut other = FakeMessage::inbound("SMto00000000000000000000000000001", "+14155554401", "STOP", ago(chrono::Duration::hours(1)));
+    let mut other = FakeMessage::inbound(
+        "SMto00000000000000000000000000001",
+        "+14155554401",
+        "STOP",
+        ago(chrono::Duration::hours(1)),
+    );
     other.to = "+15005550099".into();
     other.messaging_service_sid = None;
     let fake = FakeTwilio::start(vec![
         other,
-        FakeMessage::inbound("SMto00000000000000000000000000002", "+14155554402", "STOP", ago(chrono::Duration::hours(1))),
+        FakeMessage::inbound(
+            "SMto00000000000000000000000000002",
+            "+14155554402",
+            "STOP",
+            ago(chrono::Duration::hours(1)),
+        ),
     ])
     .await;
     let since = Utc::now().date_naive() - chrono::Duration::days(1);
@@ -239,7 +269,12 @@ async fn backfill_records_a_range_of_days_once(b: Backend) {
     ];
     // Enough newer outbound traffic that the inbound messages are on the second page.
     for n in 0..1100 {
-        log.push(FakeMessage::outbound(&format!("SMout{n:029}"), "+14155559999", "Your visit is tomorrow", at("2026-03-03T18:00:00Z")));
+        log.push(FakeMessage::outbound(
+            &format!("SMout{n:029}"),
+            "+14155559999",
+            "Your visit is tomorrow",
+            at("2026-03-03T18:00:00Z"),
+        ));
     }
     let fake = FakeTwilio::start(log).await;
     let base = fake.base.clone();
@@ -270,7 +305,9 @@ async fn backfill_records_a_range_of_days_once(b: Backend) {
     let events = events(&store).await;
     let sids: Vec<&str> = events.iter().map(|e| e.message_sid.as_str()).collect();
     assert_eq!(sids.len(), 3, "{sids:?}");
-    for sid in ["SMbf00000000000000000000000000001", "SMbf00000000000000000000000000002", "SMbf00000000000000000000000000003"] {
+    for sid in
+        ["SMbf00000000000000000000000000001", "SMbf00000000000000000000000000002", "SMbf00000000000000000000000000003"]
+    {
         let e = event_of(&events, sid).unwrap_or_else(|| panic!("{sid} recorded: {sids:?}"));
         assert_eq!(e.source, "reconcile");
     }
@@ -281,9 +318,10 @@ async fn backfill_records_a_range_of_days_once(b: Backend) {
     assert_eq!(opted_out(&store, "+14155554503").await, Some(false));
 
     let db2 = db.clone();
-    let again = tokio::task::spawn_blocking(move || backfill(&db2, &base, &["--since", "2026-03-01", "--until", "2026-03-03"]))
-        .await
-        .unwrap();
+    let again =
+        tokio::task::spawn_blocking(move || backfill(&db2, &base, &["--since", "2026-03-01", "--until", "2026-03-03"]))
+            .await
+            .unwrap();
     let stdout = String::from_utf8_lossy(&again.stdout).to_string();
     assert!(again.status.success(), "{stdout}");
     assert!(stdout.contains("\"already_recorded\": 3") && stdout.contains("\"missed_opt_outs\": 0"), "{stdout}");
@@ -318,7 +356,11 @@ fn backfill_refuses_bad_dates_and_a_missing_account() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("twilio.account_sid"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("twilio.account_sid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Switching reconciliation on without an account or a credential is a

@@ -34,7 +34,8 @@ async fn get_json(app: &TestApp, path: &str) -> (u16, Value) {
 }
 
 async fn decide(app: &TestApp, id: &Value, body: Value) -> (u16, Value) {
-    let res = app.client.post(app.url(&format!("/v1/reviews/{id}"))).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+    let res =
+        app.client.post(app.url(&format!("/v1/reviews/{id}"))).bearer_auth(ADMIN).json(&body).send().await.unwrap();
     let status = res.status().as_u16();
     (status, res.json().await.unwrap_or(Value::Null))
 }
@@ -96,7 +97,8 @@ async fn a_free_text_revocation_is_held_decided_and_relayed(b: Backend) {
     assert!(mail.body().contains("+14155556001"), "{}", mail.body());
     assert_eq!(redcap.value("1", None, FIELD).unwrap_or_default(), "", "not relayed before the decision");
 
-    let (status, decided) = decide(&app, &item["id"], json!({"decision": "opt_out", "note": "called back, confirmed"})).await;
+    let (status, decided) =
+        decide(&app, &item["id"], json!({"decision": "opt_out", "note": "called back, confirmed"})).await;
     assert_eq!(status, 200, "{decided}");
     assert_eq!(decided["status"], "opted_out");
     assert_eq!(decided["note"], "called back, confirmed");
@@ -107,9 +109,14 @@ async fn a_free_text_revocation_is_held_decided_and_relayed(b: Backend) {
     assert_eq!(events[0].id, event_id);
     assert_eq!((events[0].kind.as_str(), events[0].source.as_str()), ("opt_out", "staff:review"));
     assert_eq!(events[0].scope, SERVICE);
-    assert_eq!(events[0].received_at.to_rfc3339(), item["time"].as_str().map(|t| {
-        chrono::DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&chrono::Utc).to_rfc3339()
-    }).unwrap(), "said when the person said it");
+    assert_eq!(
+        events[0].received_at.to_rfc3339(),
+        item["time"]
+            .as_str()
+            .map(|t| { chrono::DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&chrono::Utc).to_rfc3339() })
+            .unwrap(),
+        "said when the person said it"
+    );
     assert_eq!(opted_out(&app.store, "+14155556001").await, Some(true));
     eventually_some("REDCap stamped", || async { redcap.value("1", None, FIELD).filter(|v| !v.is_empty()) }).await;
 
@@ -166,7 +173,10 @@ async fn the_review_policy_decides(b: Backend) {
     assert_eq!(app.post_signed(&p, TOKEN).await.status(), 200);
     let events = events(&app.store).await;
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!((events[0].message_sid.as_str(), events[0].kind.as_str()), ("SMrev00000000000000000000000000003", "opt_out"));
+    assert_eq!(
+        (events[0].message_sid.as_str(), events[0].kind.as_str()),
+        ("SMrev00000000000000000000000000003", "opt_out")
+    );
     assert_eq!(opted_out(&app.store, "+14155556003").await, Some(true));
     assert_eq!(get_json(&app, "/v1/reviews").await.1, json!([]));
     app.stop().await;

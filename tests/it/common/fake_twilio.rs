@@ -135,9 +135,8 @@ fn lock(state: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 impl FakeTwilio {
     pub async fn start(messages: Vec<FakeMessage>) -> FakeTwilio {
         let state = Arc::new(Mutex::new(Inner { messages, ..Inner::default() }));
-        let app = Router::new()
-            .route("/2010-04-01/Accounts/{account}/Messages.json", get(list))
-            .with_state(state.clone());
+        let app =
+            Router::new().route("/2010-04-01/Accounts/{account}/Messages.json", get(list)).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the fake Twilio");
         let addr = listener.local_addr().expect("local addr");
         let server = tokio::spawn(async move {
@@ -184,6 +183,9 @@ fn basic_auth(headers: &HeaderMap) -> Option<(String, String)> {
     let (user, password) = text.split_once(':')?;
     Some((user.to_owned(), password.to_owned()))
 }
+
+/// One query filter of the message list.
+type Filter = Box<dyn Fn(&FakeMessage) -> bool>;
 
 fn day(s: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()
@@ -234,10 +236,10 @@ fn answer(inner: &mut Inner, account: &str, query: &[(String, String)], auth: Op
         Some(Ok(n)) if (1..=1000).contains(&n) => n,
         Some(_) => return error(StatusCode::BAD_REQUEST, 20001, "PageSize must be between 1 and 1000"),
     };
-    let mut filters: Vec<Box<dyn Fn(&FakeMessage) -> bool>> = Vec::new();
+    let mut filters: Vec<Filter> = Vec::new();
     for (name, value) in query {
         let value = value.clone();
-        let filter: Box<dyn Fn(&FakeMessage) -> bool> = match name.as_str() {
+        let filter: Filter = match name.as_str() {
             "DateSent>" | "DateSent<" | "DateSent" => {
                 let Some(d) = day(&value) else {
                     return error(StatusCode::BAD_REQUEST, 20001, "Invalid DateSent");
