@@ -9,7 +9,9 @@
 //! the time the person said it and source `reconcile`. A message an endpoint
 //! already delivered is a duplicate and changes nothing; one that no
 //! endpoint delivered is counted (`optout_reconcile_missed_total{kind}`) and
-//! logged: the figure that shows what the other channels lost.
+//! logged: the figure that shows what the other channels lost. A message
+//! that only reads like a revocation ("please stop texting me") becomes a
+//! review item, as it would by the webhook (`Keywords::classify_message`).
 //!
 //! It runs periodically under `serve` (`[reconcile] interval`, a supervised
 //! task named `reconcile`) over the last `lookback`, and once on demand as

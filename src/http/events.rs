@@ -178,8 +178,10 @@ async fn handle(
         }
     }
 
+    // One deadline for all the commits of a delivery, reviews and events alike.
+    let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
     if !to_review.is_empty() {
-        let held = tokio::time::timeout(ANSWER_WITHIN, async {
+        let held = tokio::time::timeout_at(deadline, async {
             app.schema_ready().await.map_err(whole)?;
             let mut outcomes = Vec::new();
             for review in to_review {
@@ -214,7 +216,7 @@ async fn handle(
 
     if !to_record.is_empty() {
         let kinds: Vec<_> = to_record.iter().map(|e| e.kind).collect();
-        let committed = tokio::time::timeout(ANSWER_WITHIN, async {
+        let committed = tokio::time::timeout_at(deadline, async {
             app.schema_ready().await.map_err(whole)?;
             // All at once: the batch writer commits them together.
             let outcomes = join_all(to_record.into_iter().map(|e| app.writer.record(e))).await;
