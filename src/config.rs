@@ -47,6 +47,7 @@ pub struct Config {
     pub relay: RelayConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    pub reconcile: ReconcileConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -289,11 +290,52 @@ pub struct TwilioConfig {
     pub validate_signatures: bool,
     /// SharedKey id → secret, for `X-Twilio-Webhooks-Signature-Settings` (HMAC-SHA256).
     pub shared_keys: BTreeMap<String, SecretString>,
+    /// The account whose message log reconciliation and `backfill` read (AC…).
+    pub account_sid: Option<String>,
+    /// Twilio's REST API; tests point it at a fake.
+    pub api_base: String,
+    /// An API key (SK…) and its secret for the REST API, instead of the
+    /// account SID and the first of `auth_tokens`.
+    pub api_key_sid: Option<String>,
+    pub api_key_secret: Option<SecretString>,
 }
+
+/// Twilio's REST API, unless `[twilio] api_base` says otherwise.
+pub const TWILIO_API_BASE: &str = "https://api.twilio.com";
 
 impl Default for TwilioConfig {
     fn default() -> Self {
-        Self { auth_tokens: Vec::new(), validate_signatures: true, shared_keys: BTreeMap::new() }
+        Self {
+            auth_tokens: Vec::new(),
+            validate_signatures: true,
+            shared_keys: BTreeMap::new(),
+            account_sid: None,
+            api_base: TWILIO_API_BASE.to_owned(),
+            api_key_sid: None,
+            api_key_secret: None,
+        }
+    }
+}
+
+/// `[reconcile]`: reading Twilio's message log for what no endpoint delivered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// How often to read the log; absent: never (`backfill` still works).
+    #[serde(with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// How far back each run looks (from the start of that GMT day).
+    #[serde(with = "humantime_serde")]
+    pub lookback: Duration,
+    /// List per number texted (`To`) instead of the whole account: cheaper
+    /// on an account that sends much more than it receives.
+    #[serde(deserialize_with = "string_list")]
+    pub to: Vec<String>,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self { interval: None, lookback: Duration::from_secs(2 * 86_400), to: Vec::new() }
     }
 }
 
@@ -305,6 +347,24 @@ pub struct KeywordsConfig {
     pub help: Vec<String>,
     /// ISO 3166 region used to read numbers typed without a country code.
     pub default_region: String,
+    /// Words and phrases that make a message that is no whole-message
+    /// keyword a possible revocation ("please stop texting me"), matched as
+    /// whole words, case-insensitively.
+    pub review: Vec<String>,
+    pub review_policy: ReviewPolicy,
+}
+
+/// What a message that matches `[keywords] review` becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewPolicy {
+    /// A review item for staff (`GET /v1/reviews`), not relayed until decided.
+    #[default]
+    Review,
+    /// An opt-out at once, relayed like a STOP.
+    OptOut,
+    /// Nothing, as before reviews existed.
+    Ignore,
 }
 
 impl KeywordsConfig {
@@ -325,6 +385,28 @@ impl Default for KeywordsConfig {
             opt_in: list(&["START", "YES", "UNSTOP"]),
             help: list(&["HELP", "INFO"]),
             default_region: "US".to_owned(),
+            // The FCC's words, then common ways of saying it in a sentence.
+            review: list(&[
+                "stop",
+                "quit",
+                "end",
+                "revoke",
+                "opt out",
+                "optout",
+                "cancel",
+                "unsubscribe",
+                "stop texting",
+                "stop messaging",
+                "remove me",
+                "take me off",
+                "don't text",
+                "do not text",
+                "don't contact",
+                "do not contact",
+                "no more texts",
+                "leave me alone",
+            ]),
+            review_policy: ReviewPolicy::Review,
         }
     }
 }
@@ -804,7 +886,46 @@ impl Config {
         if relay.max_age.is_zero() {
             out.push("relay.max_age must be above 0".to_owned());
         }
+        self.reconcile_problems(&mut out);
         out
+    }
+
+    /// Reconciliation needs an account, a credential and a sane schedule;
+    /// only checked when it is switched on (`backfill` checks for itself).
+    fn reconcile_problems(&self, out: &mut Vec<String>) {
+        let t = &self.twilio;
+        if !(t.api_base.starts_with("https://") || t.api_base.starts_with("http://")) {
+            out.push(format!("twilio.api_base {:?} must start with https:// or http://", t.api_base));
+        }
+        if t.api_key_sid.is_some() != t.api_key_secret.is_some() {
+            out.push("twilio.api_key_sid and twilio.api_key_secret go together: set both or neither".to_owned());
+        }
+        let r = &self.reconcile;
+        if r.lookback < Duration::from_secs(3600) {
+            out.push("reconcile.lookback must be at least 1h".to_owned());
+        }
+        for to in &r.to {
+            if !to.starts_with('+') {
+                out.push(format!("reconcile.to {to:?} must be an E.164 number such as +14155550100"));
+            }
+        }
+        let Some(interval) = r.interval else { return };
+        if interval < Duration::from_secs(1) {
+            out.push("reconcile.interval must be at least 1s".to_owned());
+        }
+        if t.account_sid.as_deref().is_none_or(|s| s.trim().is_empty()) {
+            out.push(
+                "reconcile.interval is set but twilio.account_sid is not (OPTOUT_RELAY__TWILIO__ACCOUNT_SID)"
+                    .to_owned(),
+            );
+        }
+        if t.api_key_sid.is_none() && t.auth_tokens.is_empty() {
+            out.push(
+                "reconcile.interval is set but there is no credential for Twilio's API: set twilio.api_key_sid and \
+                 twilio.api_key_secret, or twilio.auth_tokens"
+                    .to_owned(),
+            );
+        }
     }
 
     /// What `check-config` finds beyond [`Config::problems`]: settings

@@ -12,6 +12,7 @@ pub mod domain;
 pub mod http;
 pub mod metrics;
 pub mod ops;
+pub mod reconcile;
 pub mod relay;
 pub mod sinks;
 pub mod startup;

@@ -102,6 +102,18 @@ enum Command {
     OptOut(StaffArgs),
     /// Record an opt-in received another way; it is relayed like a START.
     OptIn(StaffArgs),
+    /// Read Twilio's message log once (twilio.account_sid, with twilio.api_key_sid/api_key_secret
+    /// or the first of twilio.auth_tokens) and record every opt-out, opt-in and help message no
+    /// endpoint delivered, said at the message's date_sent; prints a summary (JSON). A running
+    /// `serve` relays what it records.
+    Backfill {
+        /// First GMT day to read (messages sent on or after it), YYYY-MM-DD.
+        #[arg(long, value_parser = parse_day)]
+        since: chrono::NaiveDate,
+        /// Last GMT day to read (messages sent on or before it), YYYY-MM-DD; default: up to now.
+        #[arg(long, value_parser = parse_day)]
+        until: Option<chrono::NaiveDate>,
+    },
     /// Post a webhook signed as Twilio signs it (the first of twilio.auth_tokens, over
     /// server.public_url + /twilio/messages) to the running service and print its answer.
     ///
@@ -184,6 +196,7 @@ fn main() -> ExitCode {
             Command::ImportVanIds { file } => import_van_ids(config, &file).await,
             Command::OptOut(args) => staff(config, args, EventKind::OptOut).await,
             Command::OptIn(args) => staff(config, args, EventKind::OptIn).await,
+            Command::Backfill { since, until } => backfill(config, since, until).await,
             Command::SendTest { keyword, phone, url, to, messaging_service_sid } => {
                 send_test(config, keyword, &phone, url.as_deref(), &to, messaging_service_sid.as_deref()).await
             }
@@ -516,6 +529,36 @@ async fn staff(config: Config, args: StaffArgs, kind: EventKind) -> anyhow::Resu
     let id = ops::record(&store, event).await?;
     store.close().await;
     println!("recorded {} as event {id}; a running `serve` relays it", kind.as_str());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_day(s: &str) -> Result<chrono::NaiveDate, String> {
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| format!("{s:?} is not a date as YYYY-MM-DD"))
+}
+
+async fn backfill(
+    config: Config,
+    since: chrono::NaiveDate,
+    until: Option<chrono::NaiveDate>,
+) -> anyhow::Result<ExitCode> {
+    use optout_relay::reconcile::{listings, Reconciler};
+    if until.is_some_and(|u| u < since) {
+        anyhow::bail!("--until {} is before --since {since}", until.unwrap_or(since));
+    }
+    let region = config.keywords.region().context("keywords.default_region")?;
+    let client = optout_relay::twilio::messages::MessagesClient::from_config(&config.twilio)?;
+    let store = Store::open_existing(&config.database).await?;
+    let keywords = optout_relay::twilio::keywords::Keywords::new(&config.keywords);
+    let reconciler = Reconciler::new(client, store.clone(), keywords, region, config.log.mask_phones, None);
+    let run = reconciler.run(&listings(&config.reconcile.to, since, until)).await;
+    store.close().await;
+    let summary = run?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    println!(
+        "{} opt-out(s), {} opt-in(s) and {} help message(s) no endpoint had delivered are recorded now; \
+         {} were recorded already; a running `serve` relays the changes",
+        summary.missed_opt_outs, summary.missed_opt_ins, summary.missed_help, summary.already_recorded
+    );
     Ok(ExitCode::SUCCESS)
 }
 

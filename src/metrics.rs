@@ -75,6 +75,21 @@ fn describe() {
         "optout_requests_held_for_schema_total",
         "Writes held at start until this process's migrations were applied"
     );
+    describe_counter!(
+        "optout_reconcile_missed_total",
+        "Events found in Twilio's message log (reconciliation, backfill) that no endpoint had delivered, by kind"
+    );
+    describe_counter!("optout_reconcile_runs_total", "Periodic reconciliation runs, by outcome (ok, failed)");
+    describe_counter!(
+        "optout_reviews_total",
+        "Review items created: messages that read like a revocation without being a keyword, held for staff"
+    );
+    describe_gauge!("optout_reviews_pending", "Review items waiting for a staff decision");
+    describe_gauge!(
+        "optout_oldest_pending_review_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest pending review item, from when the person said it: the FCC's clock runs on it too"
+    );
     describe_histogram!("optout_webhook_duration_seconds", Unit::Seconds, "Webhook handling time");
     describe_histogram!("optout_sink_call_duration_seconds", Unit::Seconds, "Calls to a sink's API, by sink and call");
 }
@@ -104,7 +119,12 @@ pub fn register(sinks: &[&str]) {
     metrics::counter!("optout_requests_held_for_schema_total").increment(0);
     for kind in EVENT_KINDS {
         metrics::counter!("optout_events_total", "kind" => *kind).absolute(0);
+        metrics::counter!("optout_reconcile_missed_total", "kind" => *kind).absolute(0);
     }
+    for outcome in ["ok", "failed"] {
+        metrics::counter!("optout_reconcile_runs_total", "outcome" => outcome).absolute(0);
+    }
+    metrics::counter!("optout_reviews_total").absolute(0);
     for sink in sinks {
         for outcome in DELIVERY_OUTCOMES {
             metrics::counter!("optout_deliveries_total", "sink" => (*sink).to_owned(), "outcome" => *outcome)
@@ -184,4 +204,25 @@ pub fn queue_stats_read(ok: bool) {
 
 pub fn task_panic(task: &str) {
     metrics::counter!("optout_task_panics_total", "task" => task.to_owned()).increment(1);
+}
+
+/// An event found in Twilio's message log that no endpoint had delivered.
+pub fn reconcile_missed(kind: &'static str) {
+    metrics::counter!("optout_reconcile_missed_total", "kind" => kind).increment(1);
+}
+
+/// A periodic reconciliation run ended: `ok` or `failed`.
+pub fn reconcile_run(outcome: &'static str) {
+    metrics::counter!("optout_reconcile_runs_total", "outcome" => outcome).increment(1);
+}
+
+/// A review item was created.
+pub fn review_created() {
+    metrics::counter!("optout_reviews_total").increment(1);
+}
+
+/// Pending review items and the age of the oldest (read from the store at each scrape).
+pub fn reviews(pending: i64, oldest_age_seconds: f64) {
+    metrics::gauge!("optout_reviews_pending").set(pending as f64);
+    metrics::gauge!("optout_oldest_pending_review_age_seconds").set(oldest_age_seconds);
 }

@@ -47,6 +47,8 @@ pub struct Application {
     writers_stop: CancellationToken,
     /// Set once the migrations are applied; webhooks wait for it.
     schema_ready: tokio::sync::watch::Sender<bool>,
+    /// Reading Twilio's message log every `[reconcile] interval`, when set.
+    reconcile: Option<(crate::reconcile::Reconciler, Duration)>,
 }
 
 impl Application {
@@ -95,7 +97,8 @@ impl Application {
         });
         let body = http::BodyRules { max_bytes: config.server.max_body_bytes, timeout: config.server.body_timeout };
         let router = http::router(state, body, config.admin.tokens.clone());
-        Ok(Application { listener, router, store, config, relay, tasks, writers_stop, schema_ready })
+        let reconcile = build_reconciler(&config, &store, region, recorded)?;
+        Ok(Application { listener, router, store, config, relay, tasks, writers_stop, schema_ready, reconcile })
     }
 
     fn warn_about(config: &Config, addr: SocketAddr) {
@@ -132,6 +135,12 @@ impl Application {
         if self.config.database.run_migrations_on_start {
             spawn_migrations(self.store.clone(), &self.tasks, shutdown.clone(), self.schema_ready.clone());
         }
+        if let Some((reconciler, interval)) = self.reconcile.clone() {
+            let (cfg, ready, stop) = (self.config.reconcile.clone(), self.schema_ready.subscribe(), shutdown.clone());
+            supervise::spawn("reconcile".into(), &self.tasks, shutdown.clone(), move || {
+                crate::reconcile::every(reconciler.clone(), cfg.clone(), interval, ready.clone(), stop.clone())
+            });
+        }
         let workers = Arc::new(std::sync::Mutex::new(Vec::new()));
         start_relay(self.relay.clone(), &self.tasks, shutdown.clone(), workers.clone());
         let grace = self.config.server.shutdown_grace;
@@ -165,6 +174,28 @@ impl Application {
         tracing::info!("stopped");
         result
     }
+}
+
+/// The periodic reconciliation, when `[reconcile] interval` is set.
+fn build_reconciler(
+    config: &Config,
+    store: &Store,
+    region: phonenumber::country::Id,
+    recorded: Arc<Notify>,
+) -> Result<Option<(crate::reconcile::Reconciler, Duration)>, StartError> {
+    let Some(interval) = config.reconcile.interval else { return Ok(None) };
+    let client = crate::twilio::messages::MessagesClient::from_config(&config.twilio)
+        .map_err(|e| StartError::Config(format!("reconcile: {e}")))?;
+    let keywords = Keywords::new(&config.keywords);
+    let reconciler = crate::reconcile::Reconciler::new(
+        client,
+        store.clone(),
+        keywords,
+        region,
+        config.log.mask_phones,
+        Some(recorded),
+    );
+    Ok(Some((reconciler, interval)))
 }
 
 /// One sink per configured sink (`[sinks.NAME]`, `[redcap]`, `[email]`).

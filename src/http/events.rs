@@ -27,9 +27,11 @@ use futures_util::future::join_all;
 use super::error::ApiError;
 use super::AppState;
 use crate::domain::mask_phones_in;
+use crate::domain::EventKind;
 use crate::metrics;
-use crate::store::{NewEvent, RecordOutcome, StoreError};
+use crate::store::{NewEvent, NewReview, RecordOutcome, StoreError};
 use crate::twilio::events::{parse_batch, Item};
+use crate::twilio::keywords::Classified;
 use crate::twilio::signature::SignedBody;
 
 /// Event Streams wants a 2xx within 5 s; the rest of the 5 s is for the network.
@@ -45,6 +47,14 @@ pub struct Summary {
     pub duplicates: usize,
     /// Other event types, and messages that are no opt-out, opt-in or help.
     pub ignored: usize,
+    /// Messages held for staff review (possible revocations in free text),
+    /// newly or again; absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reviews: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 pub async fn receive(
@@ -56,7 +66,7 @@ pub async fn receive(
     let result = handle(&app, &uri, &headers, body).await;
     let outcome = match &result {
         // The request's log line says what the delivery amounted to as a whole.
-        Ok(s) if s.recorded > 0 => "accepted",
+        Ok(s) if s.recorded > 0 || s.reviews > 0 => "accepted",
         Ok(s) if s.duplicates > 0 => "duplicate",
         Ok(_) => "ignored",
         Err(e) => e.outcome(),
@@ -95,6 +105,7 @@ async fn handle(
     let mut summary = Summary::default();
     let mut invalid: Vec<String> = Vec::new();
     let mut to_record: Vec<NewEvent> = Vec::new();
+    let mut to_review: Vec<NewReview> = Vec::new();
     let now = Utc::now();
     for item in items {
         let message = match item {
@@ -113,10 +124,15 @@ async fn handle(
         };
         // Classified before the sender is read: a message that is no keyword
         // is ignored whatever channel it came by, as nothing would be recorded.
-        let Some(kind) = app.keywords.classify(message.opt_out_type.as_deref(), &message.body) else {
-            summary.ignored += 1;
-            metrics::event_stream("ignored");
-            continue;
+        let (kind, review) = match app.keywords.classify_message(message.opt_out_type.as_deref(), &message.body) {
+            Classified::Nothing => {
+                summary.ignored += 1;
+                metrics::event_stream("ignored");
+                continue;
+            }
+            Classified::Event(kind) => (kind, None),
+            // Held as the opt-out it may be, for staff to decide.
+            Classified::Review { matched } => (EventKind::OptOut, Some(matched)),
         };
         let phone = match message.phone(app.region) {
             Ok(p) => p,
@@ -131,17 +147,18 @@ async fn handle(
         // webhook's does (the last message's, for a batch of several).
         let span = tracing::Span::current();
         span.record("phone", tracing::field::display(app.show_phone(&phone)));
-        span.record("kind", kind.as_str());
+        let shown_kind = if review.is_some() { "review" } else { kind.as_str() };
+        span.record("kind", shown_kind);
         tracing::info!(
             message_sid = message.message_sid.as_str(),
             phone = %app.show_phone(&phone),
-            kind = kind.as_str(),
+            kind = shown_kind,
             "event stream: inbound message to record"
         );
         let said_at = message.said_at(now);
         let scope = message.scope().to_owned();
         let m = *message;
-        to_record.push(NewEvent {
+        let event = NewEvent {
             scope,
             message_sid: m.message_sid,
             account_sid: m.account_sid,
@@ -154,12 +171,52 @@ async fn handle(
             params: m.event,
             received_at: said_at,
             source: SOURCE.to_owned(),
-        });
+        };
+        match review {
+            Some(matched) => to_review.push(NewReview { event, matched }),
+            None => to_record.push(event),
+        }
+    }
+
+    // One deadline for all the commits of a delivery, reviews and events alike.
+    let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
+    if !to_review.is_empty() {
+        let held = tokio::time::timeout_at(deadline, async {
+            app.schema_ready().await.map_err(whole)?;
+            let mut outcomes = Vec::new();
+            for review in to_review {
+                outcomes.push(super::reviews::hold(app, review).await);
+            }
+            Ok::<_, ApiError>(outcomes)
+        })
+        .await
+        .map_err(|_| {
+            whole(ApiError::Unavailable(StoreError::Unavailable(format!(
+                "review items not committed within {}s; Event Streams will retry",
+                ANSWER_WITHIN.as_secs()
+            ))))
+        })??;
+        for outcome in held {
+            match outcome {
+                Ok(RecordOutcome::Recorded(_)) => {
+                    metrics::event_stream("accepted");
+                    summary.reviews += 1;
+                }
+                Ok(RecordOutcome::Duplicate) => {
+                    metrics::event_stream("duplicate");
+                    summary.reviews += 1;
+                }
+                Err(e) => {
+                    metrics::event_stream("store_unavailable");
+                    return Err(e);
+                }
+            }
+        }
     }
 
     if !to_record.is_empty() {
         let kinds: Vec<_> = to_record.iter().map(|e| e.kind).collect();
-        let committed = tokio::time::timeout(ANSWER_WITHIN, async {
+        let committed = tokio::time::timeout_at(deadline, async {
             app.schema_ready().await.map_err(whole)?;
             // All at once: the batch writer commits them together.
             let outcomes = join_all(to_record.into_iter().map(|e| app.writer.record(e))).await;

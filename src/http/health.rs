@@ -50,6 +50,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     let stats = app.store.queue_stats().await;
     let health = app.store.sinks().await;
     let changes = app.store.changes_waiting().await;
+    let reviews = app.store.review_stats().await;
     let _scrape = SCRAPE.lock().await;
     match stats.and_then(|s| health.map(|h| (s, h))) {
         Ok((stats, health)) => {
@@ -70,6 +71,10 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
             // above answers this one; if not, the gauge keeps its last value.
             if let Ok(n) = changes {
                 crate::metrics::changes_waiting(n);
+            }
+            if let Ok(r) = reviews {
+                let age = r.oldest.map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
+                crate::metrics::reviews(r.pending, age);
             }
             crate::metrics::queue_stats_read(true);
         }

@@ -5,6 +5,7 @@ mod body;
 pub mod error;
 mod events;
 mod health;
+mod reviews;
 pub mod serve;
 mod webhook;
 

@@ -12,8 +12,10 @@ use chrono::Utc;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::domain::EventKind;
 use crate::metrics;
-use crate::store::{NewEvent, RecordOutcome};
+use crate::store::{NewEvent, NewReview, RecordOutcome};
+use crate::twilio::keywords::Classified;
 use crate::twilio::signature::SignedBody;
 use crate::twilio::webhook::{decode_form, parse_inbound};
 
@@ -81,10 +83,13 @@ async fn handle(
     let span = tracing::Span::current();
     span.record("phone", tracing::field::display(app.show_phone(&msg.from)));
 
-    let Some(kind) = app.keywords.classify(msg.opt_out_type.as_deref(), &msg.body) else {
-        return Ok(Accepted::Ignored);
+    // A review phrase is held as the opt-out it may be, for staff to decide.
+    let (kind, review) = match app.keywords.classify_message(msg.opt_out_type.as_deref(), &msg.body) {
+        Classified::Nothing => return Ok(Accepted::Ignored),
+        Classified::Event(kind) => (kind, None),
+        Classified::Review { matched } => (EventKind::OptOut, Some(matched)),
     };
-    span.record("kind", kind.as_str());
+    span.record("kind", if review.is_some() { "review" } else { kind.as_str() });
 
     let event = NewEvent {
         scope: msg.scope().to_owned(),
@@ -101,6 +106,12 @@ async fn handle(
         source: "twilio".to_owned(),
     };
     app.schema_ready().await?;
+    if let Some(matched) = review {
+        return Ok(match super::reviews::hold(app, NewReview { event, matched }).await? {
+            RecordOutcome::Recorded(_) => Accepted::Recorded,
+            RecordOutcome::Duplicate => Accepted::Duplicate,
+        });
+    }
     match app.writer.record(event).await? {
         RecordOutcome::Recorded(_) => {
             metrics::event(kind.as_str());

@@ -18,6 +18,7 @@ pub mod backoff;
 mod converging;
 mod fan_out;
 pub mod resync;
+pub mod reviews;
 pub mod target;
 mod worker;
 
@@ -109,6 +110,10 @@ impl Relay {
             let (relay, stop) = (self.clone(), shutdown.clone());
             handles.push(supervise::spawn("alerts".to_owned(), tasks, shutdown.clone(), move || {
                 alerts::watch(relay.clone(), stop.clone())
+            }));
+            let (relay, stop) = (self.clone(), shutdown.clone());
+            handles.push(supervise::spawn("review-mail".to_owned(), tasks, shutdown.clone(), move || {
+                reviews::report(relay.clone(), stop.clone())
             }));
         }
         handles

@@ -213,3 +213,17 @@ pub struct Alert {
     pub waiting: u64,
     pub recovered: bool,
 }
+
+/// A message held for staff review (a possible revocation in free text),
+/// as the email sink reports it.
+#[derive(Debug, Clone)]
+pub struct ReviewItem {
+    pub id: i64,
+    pub phone: Phone,
+    pub body: String,
+    /// When the person said it.
+    pub said_at: DateTime<Utc>,
+    pub scope: String,
+    /// The review word or phrase it matched.
+    pub matched: String,
+}

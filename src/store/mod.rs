@@ -24,6 +24,7 @@ mod ingest;
 mod model;
 mod queue;
 mod read;
+mod reviews;
 mod van_ids;
 
 use std::str::FromStr;
@@ -38,6 +39,7 @@ use crate::config::DatabaseConfig;
 pub use health::Failing;
 pub use model::*;
 pub use queue::Settled;
+pub use reviews::{Decided, Decision, NewReview, ReviewRow, ReviewStats};
 pub use van_ids::{VanIdRow, VanImport, VanSinkScope};
 
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

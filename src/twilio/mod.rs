@@ -3,5 +3,6 @@
 
 pub mod events;
 pub mod keywords;
+pub mod messages;
 pub mod signature;
 pub mod webhook;

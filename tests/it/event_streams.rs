@@ -127,9 +127,12 @@ async fn keywords_classify_when_opt_out_type_is_absent(b: Backend) {
     ]);
     let res = post_events(&app, &batch).await;
     assert_eq!(res.status(), 200);
-    assert_eq!(res.json::<Value>().await.unwrap(), json!({"recorded": 2, "duplicates": 0, "ignored": 1}));
+    // Free text that reads like a revocation is held for staff review (issue #10), not recorded.
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"recorded": 2, "duplicates": 0, "ignored": 0, "reviews": 1}));
     assert_eq!(opted_out(&app.store, "+14155552201").await, Some(true));
     assert_eq!(opted_out(&app.store, "+14155552202").await, None, "free text is not a keyword");
+    let held = query_texts(&app.db_url, "SELECT message_sid FROM reviews").await;
+    assert_eq!(held, ["SMkw2"], "held for review");
     assert_eq!(opted_out(&app.store, "+14155552203").await, Some(false));
     app.stop().await;
 }

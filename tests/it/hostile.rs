@@ -585,7 +585,11 @@ async fn the_openapi_document_says_what_the_admin_api_does() {
             }
         }
     }
-    assert_eq!(operations, 9);
+    // 9, and the two review endpoints (issue #10).
+    assert_eq!(operations, 11);
+    for status in ["400", "404", "409", "413", "415"] {
+        assert!(op("/v1/reviews/{id}", "post")["responses"][status].is_object(), "/v1/reviews/{{id}} {status}");
+    }
     for path in ["/v1/opt-outs", "/v1/opt-ins"] {
         for status in ["400", "413", "415"] {
             assert!(op(path, "post")["responses"][status].is_object(), "{path} {status}");

@@ -342,7 +342,10 @@ async fn postgres_and_sqlite_migrations_describe_the_same_schema() {
     let lite = fresh_store(Backend::Sqlite).await;
     let a = pg_schema(&pg.url).await;
     let b = sqlite_schema(&lite.url).await;
-    assert_eq!(a.keys().collect::<Vec<_>>(), ["changes", "events", "opt_out_state", "sink_phones", "sinks", "van_ids"]);
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        ["changes", "events", "opt_out_state", "reviews", "sink_phones", "sinks", "van_ids"]
+    );
     for (table, shape) in &a {
         assert_eq!(Some(shape), b.get(table), "table {table}: PostgreSQL (left) and SQLite (right) differ");
     }

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_json::Value;
 
-use crate::sinks::{Alert, Cause, Notification, ReportOutcome, SinkReport, Target};
+use crate::sinks::{Alert, Cause, Notification, ReportOutcome, ReviewItem, SinkReport, Target};
 
 /// Longest quoted message text or error; the rest is cut.
 const MAX_QUOTED_CHARS: usize = 500;
@@ -100,6 +100,34 @@ pub(super) fn alert(a: &Alert, tz: Tz) -> Notice {
              Sent by optout-relay.\n",
         ),
     }
+}
+
+/// New review items: messages that may be revocations in the person's own
+/// words, each with when it was said (the FCC's clock), the number, the
+/// text and what matched, and how to decide. The subject masks no number
+/// because it names none.
+pub(super) fn reviews(items: &[ReviewItem], tz: Tz) -> Notice {
+    let count = if items.len() == 1 { "1 message".to_owned() } else { format!("{} messages", items.len()) };
+    let mut body = format!(
+        "{count} may revoke consent in the sender's own words and wait for a decision. \
+         Nothing is relayed until staff decide; the FCC's 10-business-day clock runs from when it was said.\n\n"
+    );
+    for item in items {
+        let text = cut(&one_line(item.body.trim()), MAX_QUOTED_CHARS);
+        body.push_str(&format!(
+            "Review {id}: {phone}, {when}, scope {scope}\n  \"{text}\" (matched \"{matched}\")\n\n",
+            id = item.id,
+            phone = item.phone.as_str(),
+            when = when(item.said_at, tz),
+            scope = one_line(&item.scope),
+            matched = one_line(&item.matched),
+        ));
+    }
+    body.push_str(
+        "Decide with POST /v1/reviews/{id} {\"decision\": \"opt_out\" | \"dismiss\", \"note\": \"...\"}; \
+         GET /v1/reviews lists what is pending.\n\nSent by optout-relay.\n",
+    );
+    Notice { subject: format!("[optout-relay] review: {count} may revoke consent"), body }
 }
 
 /// Who or what made the change, from a cause's `source`.
@@ -522,6 +550,27 @@ mod tests {
         assert!(line.ends_with("...\""), "{line}");
         assert_eq!(line.matches('x').count(), 500 - "STOP\r\nBcc: a@b\n".len(), "{line}");
         assert!(!b.contains("\nBcc:"));
+    }
+
+    #[test]
+    fn review_mail_lists_each_item_with_its_time_number_text_and_how_to_decide() {
+        let region = crate::domain::parse_region("US").expect("US");
+        let item = |id, body: &str| ReviewItem {
+            id,
+            phone: crate::domain::Phone::parse("+14155550101", region).expect("phone"),
+            body: body.into(),
+            said_at: november(),
+            scope: "MG1".into(),
+            matched: "stop texting".into(),
+        };
+        let n = reviews(&[item(7, "please stop texting me"), item(8, "line one\nline two")], Tz::UTC);
+        assert_eq!(n.subject, "[optout-relay] review: 2 messages may revoke consent");
+        assert!(n.body.contains("Review 7: +14155550101, "), "{}", n.body);
+        assert!(n.body.contains("\"please stop texting me\" (matched \"stop texting\")"), "{}", n.body);
+        assert!(n.body.contains("\"line one line two\""), "text from outside is put on one line: {}", n.body);
+        assert!(n.body.contains("POST /v1/reviews/{id}"), "{}", n.body);
+        assert!(!n.subject.contains("4155550101"), "no number in the subject");
+        assert_eq!(reviews(&[item(9, "stop")], Tz::UTC).subject, "[optout-relay] review: 1 message may revoke consent");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
 use self::compose::Notice;
-use super::{Alert, Notification, SinkError};
+use super::{Alert, Notification, ReviewItem, SinkError};
 use crate::config::{EmailConfig, EmailTls};
 
 /// Sends the notification email over SMTP (a pooled lettre transport).
@@ -120,6 +120,17 @@ impl EmailSink {
     pub async fn alert(&self, a: &Alert) -> Result<(), SinkError> {
         self.send(compose::alert(a, self.tz)).await?;
         tracing::info!(sink = %a.sink, recovered = a.recovered, "alert email sent");
+        Ok(())
+    }
+
+    /// Reports new review items in one message (a digest of however many
+    /// the relay hands over). Errors are classified as for `notify`.
+    pub async fn reviews(&self, items: &[ReviewItem]) -> Result<(), SinkError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.send(compose::reviews(items, self.tz)).await?;
+        tracing::info!(items = items.len(), "review mail sent");
         Ok(())
     }
 
