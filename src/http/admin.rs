@@ -27,8 +27,11 @@ const MAX_LIMIT: i64 = 500;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "optout-relay admin API", description = "Opt-out state, events, sinks and what each holds; staff-recorded revocations."),
-    paths(phone, events, sinks, retry_sink, deliveries, retry_one, retry_dead, opt_out, opt_in),
-    components(schemas(PhoneStatus, SinkTarget, Effective, Held, SinkStatus, EventRow, DeliveryRow, StateRow, EventPage, DeliveryPage, StaffChange, Recorded, ErrorBody, EventKind, DeliveryStatus, SinkReleased, DeliveryRequeued, DeadRequeued)),
+    paths(phone, events, sinks, retry_sink, deliveries, retry_one, retry_dead, opt_out, opt_in,
+          super::lists::import_list, super::lists::export_list, super::lists::check_phones),
+    components(schemas(PhoneStatus, SinkTarget, Effective, Held, SinkStatus, EventRow, DeliveryRow, StateRow, EventPage, DeliveryPage, StaffChange, Recorded, ErrorBody, EventKind, DeliveryStatus, SinkReleased, DeliveryRequeued, DeadRequeued,
+                       crate::lists::import::ImportReport, crate::lists::read::InvalidRow, crate::lists::export::ListedOptOut, crate::lists::export::Format,
+                       crate::lists::check::Checked, super::lists::CheckRequest, super::lists::CheckResults, crate::lists::import::ImportKind)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -59,6 +62,7 @@ pub fn router(tokens: Vec<SecretString>) -> Router<AppState> {
         .route("/v1/deliveries/{id}/retry", post(retry_one))
         .route("/v1/opt-outs", post(opt_out))
         .route("/v1/opt-ins", post(opt_in))
+        .merge(super::lists::routes())
         // Only on these routes (not `layer`, which would also wrap the
         // fallback): a path that exists nowhere is 404, not a 401 asking for
         // a token that would not help.
