@@ -122,7 +122,7 @@ fn normalise(header: &str) -> String {
     header
         .trim_start_matches('\u{feff}')
         .chars()
-        .filter(|c| !matches!(c, ' ' | '_' | '-' | '\t' | '?' | '.'))
+        .filter(|c| !matches!(c, ' ' | '_' | '-' | '\t' | '\r' | '?' | '.'))
         .flat_map(char::to_lowercase)
         .collect()
 }
@@ -195,10 +195,10 @@ fn separator(first_line: &[u8]) -> u8 {
 
 /// Rows of a list, one at a time, in file order.
 pub struct ListReader<R: Read> {
-    csv: csv::Reader<BufReader<R>>,
+    csv: csv::Reader<BufReader<std::io::Chain<R, &'static [u8]>>>,
     columns: Columns,
-    /// A headerless file's first line, a row of its own, not yet returned.
-    pending_first: Option<csv::ByteRecord>,
+    /// A headerless file's first line, a row of its own, not yet returned (with its line).
+    pending_first: Option<(u64, csv::ByteRecord)>,
     record: csv::ByteRecord,
     region: country::Id,
     now: DateTime<Utc>,
@@ -208,7 +208,9 @@ impl<R: Read> ListReader<R> {
     /// Reads the header (or finds there is none). Numbers without a country
     /// code are read in `region`.
     pub fn new(input: R, region: country::Id) -> Result<ListReader<R>, ListError> {
-        let mut buffered = BufReader::with_capacity(64 * 1024, input);
+        // Every record ends with a newline, the last one too (an extra blank
+        // line is skipped): what `line_of` counts on.
+        let mut buffered = BufReader::with_capacity(64 * 1024, input.chain(&b"\n"[..]));
         let head = buffered.fill_buf()?;
         let first_line = head.split(|b| *b == b'\n').next().unwrap_or_default();
         let sep = separator(first_line);
@@ -216,6 +218,10 @@ impl<R: Read> ListReader<R> {
             .has_headers(false)
             .flexible(true)
             .delimiter(sep)
+            // A record ends at `\n` only (a `\r` before it is trimmed off
+            // the last field), so the reader's line count is exact after
+            // CRLF too: what `line_of` counts on.
+            .terminator(csv::Terminator::Any(b'\n'))
             .from_reader(buffered);
         let mut first = csv::ByteRecord::new();
         if !csv.read_byte_record(&mut first).map_err(csv_io)? {
@@ -225,7 +231,7 @@ impl<R: Read> ListReader<R> {
         let (columns, pending_first) = match columns(&headers) {
             Some(c) => (c, None),
             None if headers.first().is_some_and(|h| Phone::parse(h, region).is_ok()) => {
-                (Columns::default(), Some(first))
+                (Columns::default(), Some((line_of(&csv, &first), first)))
             }
             None => {
                 let found = headers.iter().map(|h| echo(h.trim())).collect::<Vec<_>>().join(", ");
@@ -239,8 +245,8 @@ impl<R: Read> ListReader<R> {
     /// `Ok(None)` at the end. An I/O error ends the file.
     pub fn next_row(&mut self) -> Result<Option<Result<ListRow, InvalidRow>>, ListError> {
         loop {
-            let record = match self.pending_first.take() {
-                Some(r) => r,
+            let (line, record) = match self.pending_first.take() {
+                Some(first) => first,
                 None => {
                     match self.csv.read_byte_record(&mut self.record) {
                         Ok(true) => {}
@@ -250,10 +256,9 @@ impl<R: Read> ListReader<R> {
                             None => continue,
                         },
                     }
-                    std::mem::take(&mut self.record)
+                    (line_of(&self.csv, &self.record), std::mem::take(&mut self.record))
                 }
             };
-            let line = record.position().map_or(1, |p| p.line());
             let field = |i: Option<usize>| -> Option<String> {
                 let raw = record.get(i?)?;
                 let text = String::from_utf8_lossy(raw);
@@ -289,6 +294,15 @@ impl<R: Read> ListReader<R> {
         };
         Ok(ListRow { line, phone, raw, at, kind, scope: field(c.scope), note: field(c.note) })
     }
+}
+
+/// The line a record just read starts on. The record's own position is
+/// where the reader stood before it, ahead of any blank lines it skipped;
+/// the reader's position now is the line after the record's newline, less
+/// the newlines inside its quoted fields.
+fn line_of<R: Read>(csv: &csv::Reader<R>, record: &csv::ByteRecord) -> u64 {
+    let inner = record.iter().map(|f| f.iter().filter(|b| **b == b'\n').count() as u64).sum::<u64>();
+    csv.position().line().saturating_sub(1 + inner).max(1)
 }
 
 fn csv_io(e: csv::Error) -> ListError {
@@ -390,6 +404,13 @@ mod tests {
         );
         assert_eq!(ok.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 9]);
         assert_eq!(ok[1].kind, Some(EventKind::OptIn));
+    }
+
+    #[test]
+    fn line_numbers_count_blank_lines_quoted_newlines_and_a_last_line_without_newline() {
+        let (ok, bad) = read_all("phone,note\r\n\r\n4155550101,\"two\nlines\"\r\n\n\n12345,x\n4155550102,end");
+        assert_eq!(ok.iter().map(|r| r.line).collect::<Vec<_>>(), vec![3, 8]);
+        assert_eq!(bad.iter().map(|r| r.line).collect::<Vec<_>>(), vec![7]);
     }
 
     #[test]
