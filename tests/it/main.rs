@@ -13,6 +13,7 @@ mod email_sink;
 mod event_streams;
 mod hostile;
 mod ingest;
+mod lists;
 mod redcap_sink;
 mod relay;
 mod shutdown;
