@@ -491,7 +491,8 @@ async fn import_list(
     use optout_relay::lists::import::{import, ImportOptions};
     let region = config.keywords.region().context("keywords.default_region is not a region")?;
     let input = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-    let source = source.unwrap_or_else(|| file.file_name().map_or_else(|| "cli".into(), |n| n.to_string_lossy().into()));
+    let source =
+        source.unwrap_or_else(|| file.file_name().map_or_else(|| "cli".into(), |n| n.to_string_lossy().into()));
     let opts = ImportOptions { scope, source, kind: kind.into(), dry_run, region };
     let store = Store::open_existing(&config.database).await?;
     let report = import(&store, input, &opts, || {}).await;

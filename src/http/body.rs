@@ -33,7 +33,9 @@ pub async fn read_whole_body(State(rules): State<BodyRules>, request: Request, n
     }
     // A batch check of 10,000 numbers is larger than a webhook.
     let rules = match request.uri().path() {
-        super::lists::CHECK_PATH => BodyRules { max_bytes: rules.max_bytes.max(super::lists::CHECK_MAX_BYTES), ..rules },
+        super::lists::CHECK_PATH => {
+            BodyRules { max_bytes: rules.max_bytes.max(super::lists::CHECK_MAX_BYTES), ..rules }
+        }
         _ => rules,
     };
     let declared = request

@@ -214,7 +214,8 @@ fn read_batches<R: Read>(input: R, region: country::Id, tx: &mpsc::Sender<Result
             }
         };
         if end || batch.read as usize >= BATCH {
-            let full = std::mem::replace(&mut batch, Batch { rows: Vec::with_capacity(BATCH), invalid: Vec::new(), read: 0 });
+            let full =
+                std::mem::replace(&mut batch, Batch { rows: Vec::with_capacity(BATCH), invalid: Vec::new(), read: 0 });
             if tx.blocking_send(Ok(full)).is_err() || end {
                 return;
             }

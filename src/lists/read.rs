@@ -131,13 +131,7 @@ fn normalise(header: &str) -> String {
 fn columns(headers: &[String]) -> Option<Columns> {
     let names: Vec<String> = headers.iter().map(|h| normalise(h)).collect();
     let find = |aliases: &[&str]| names.iter().position(|n| aliases.contains(&n.as_str()));
-    Some(Columns {
-        phone: find(PHONE)?,
-        time: find(TIME),
-        kind: find(KIND),
-        scope: find(SCOPE),
-        note: find(NOTE),
-    })
+    Some(Columns { phone: find(PHONE)?, time: find(TIME), kind: find(KIND), scope: find(SCOPE), note: find(NOTE) })
 }
 
 /// `opt_out`, `Opted Out`, `STOP`, `unsubscribed` → opt-out; `opt_in`,
@@ -390,8 +384,7 @@ mod tests {
              4155550104,2999-01-01,\n\
              4155550105,,START\n",
         );
-        let lines: Vec<(u64, &str, &str)> =
-            bad.iter().map(|b| (b.line, b.value.as_str(), b.reason.as_str())).collect();
+        let lines: Vec<(u64, &str, &str)> = bad.iter().map(|b| (b.line, b.value.as_str(), b.reason.as_str())).collect();
         assert_eq!(
             lines,
             vec![

@@ -134,8 +134,18 @@ async fn the_same_file_twice_records_nothing_the_second_time(b: Backend) {
 async fn an_old_list_never_undoes_a_later_start(b: Backend) {
     let app = spawn(b).await;
     let phone = "+14155550177";
-    assert_eq!(app.post_signed(&stop_params("SM00000000000000000000000000000001", phone, "STOP", Some("STOP")), TOKEN).await.status(), 200);
-    assert_eq!(app.post_signed(&stop_params("SM00000000000000000000000000000002", phone, "START", Some("START")), TOKEN).await.status(), 200);
+    assert_eq!(
+        app.post_signed(&stop_params("SM00000000000000000000000000000001", phone, "STOP", Some("STOP")), TOKEN)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.post_signed(&stop_params("SM00000000000000000000000000000002", phone, "START", Some("START")), TOKEN)
+            .await
+            .status(),
+        200
+    );
     assert_eq!(opted_out(&app.store, phone).await, Some(false));
 
     // Last year's list for that Messaging Service: kept as history, no change.
@@ -191,7 +201,10 @@ async fn export_lists_the_opted_out_phones_as_csv_and_json_by_scope(b: Backend) 
     let (_, _, csv) = export(&app, &format!("?scope={SCOPE_B}")).await;
     assert_eq!(csv.lines().count(), 3, "{csv}");
     let (_, _, csv) = export(&app, "?scope=MGother").await;
-    assert_eq!(csv.lines().skip(1).collect::<Vec<_>>(), vec!["+14155550101,organisation,2025-01-01T00:00:00.000Z,import:org"]);
+    assert_eq!(
+        csv.lines().skip(1).collect::<Vec<_>>(),
+        vec!["+14155550101,organisation,2025-01-01T00:00:00.000Z,import:org"]
+    );
 
     let (status, ct, body) = export(&app, "?format=json").await;
     assert_eq!((status, ct.as_str()), (200, "application/json"));
@@ -227,7 +240,8 @@ async fn check_answers_each_number_in_the_order_given(b: Backend) {
     );
     // In another scope, only the organisation-wide opt-out counts.
     let (_, body) = check(&app, json!({"phones": phones, "scope": "MGother"})).await;
-    let out: Vec<bool> = body["results"].as_array().unwrap().iter().map(|r| r["opted_out"].as_bool().unwrap()).collect();
+    let out: Vec<bool> =
+        body["results"].as_array().unwrap().iter().map(|r| r["opted_out"].as_bool().unwrap()).collect();
     assert_eq!(out, vec![false, false, true, false, true]);
     app.stop().await;
 }
@@ -248,7 +262,8 @@ async fn limits_are_answered_clearly(b: Backend) {
     let big = format!("phone\n{}", "4155550101\n".repeat(1000));
     let (status, _) = import(&app, "", &big).await;
     assert_eq!(status, 413);
-    let res = app.client.post(app.url("/v1/imports")).bearer_auth(ADMIN).json(&json!({"phone": "1"})).send().await.unwrap();
+    let res =
+        app.client.post(app.url("/v1/imports")).bearer_auth(ADMIN).json(&json!({"phone": "1"})).send().await.unwrap();
     assert_eq!(res.status().as_u16(), 415);
     let (status, _) = import(&app, "?kind=help", "phone\n4155550101\n").await;
     assert_eq!(status, 400);
@@ -257,7 +272,9 @@ async fn limits_are_answered_clearly(b: Backend) {
     // The three routes are in the OpenAPI document, beside the staff opt-out on the same path.
     let doc: Value =
         app.client.get(app.url("/v1/openapi.json")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
-    for (path, method) in [("/v1/imports", "post"), ("/v1/opt-outs", "get"), ("/v1/opt-outs", "post"), ("/v1/phones/check", "post")] {
+    for (path, method) in
+        [("/v1/imports", "post"), ("/v1/opt-outs", "get"), ("/v1/opt-outs", "post"), ("/v1/phones/check", "post")]
+    {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} missing from the OpenAPI document");
     }
     let res = app.client.post(app.url("/v1/phones/check")).json(&json!({"phones": []})).send().await.unwrap();
