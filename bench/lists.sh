@@ -160,7 +160,7 @@ echo '{"phones":["(415) 200-0001"]}' > "$WORK/check1.json"
 
 check_run() { # label, body file; prints p50 and max of server and curl ms
     local label=$1 body=$2 i
-    : > "$WORK/curl-$label.txt"
+    : > "$WORK/curl-$label.txt"; : > "$WORK/server-$label.txt"
     for i in $(seq 1 $((REPEAT + 3))); do
         local before
         before=$(grep -c '"handled"' "$WORK/serve.log" || true)
@@ -169,7 +169,7 @@ check_run() { # label, body file; prints p50 and max of server and curl ms
             >> "$WORK/curl-$label.txt"
         sleep 0.05
         [[ $i -gt 3 ]] && grep '"handled"' "$WORK/serve.log" | sed -n "$((before + 1)),\$p" | grep '/v1/phones/check' \
-            | jq -r '.fields.latency_ms // .latency_ms' >> "$WORK/server-$label.txt"
+            | jq -r '.fields.latency_ms // .latency_ms' >> "$WORK/server-$label.txt" || true
     done
     tail -n "$REPEAT" "$WORK/curl-$label.txt" | awk '{print $1 * 1000}' > "$WORK/curlms-$label.txt"
     local s_p50 s_max c_p50
