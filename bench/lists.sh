@@ -81,8 +81,10 @@ cpu_model() {
     echo "- PostgreSQL: $(psql "$PG_ADMIN_URL" -X -At -c 'SHOW server_version' 2>/dev/null || echo unreachable)"
 } | tee "$OUT"
 
-echo "== cargo build --release --locked --bin optout-relay" >&2
-cargo build --release --locked --bin optout-relay 2>&1 | tail -n 3 >&2
+if [[ -z "${SKIP_BUILD:-}" ]]; then   # SKIP_BUILD=1: use the release binary already there
+    echo "== cargo build --release --locked --bin optout-relay" >&2
+    cargo build --release --locked --bin optout-relay 2>&1 | tail -n 3 >&2
+fi
 echo "- built from: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src migrations 2>/dev/null || echo ' + uncommitted changes')" | tee -a "$OUT"
 
 # A Numero-shaped list: contact id, names, Primary Phone, Opt Out Date; valid
