@@ -183,7 +183,7 @@ check_run() { # label, body file; prints p50 and max of server and curl ms
 read -r c1_p50 c1_max c1_curl < <(check_run one "$WORK/check1.json")
 read -r cn_p50 cn_max cn_curl < <(check_run many "$WORK/check.json")
 opted=$(jq '[.results[] | select(.opted_out)] | length' "$WORK/answer-many.json")
-invalid=$(jq '[.results[] | select(.e164 == null)] | length' "$WORK/answer-many.json")
+invalid=$(jq '[.results[] | select(.["e164"] == null)] | length' "$WORK/answer-many.json")
 {
     echo
     echo "## check (POST /v1/phones/check, $REPEAT runs after 3 unmeasured, store of $ROWS opt-outs)"
