@@ -43,7 +43,7 @@ pub async fn check(
     let mut unique: Vec<Phone> = parsed.iter().flatten().cloned().collect();
     unique.sort();
     unique.dedup();
-    let states = by_phone(store.states_of(&unique).await?);
+    let states = by_phone(store.states_of_many(&unique).await?);
     let follows = scope.map(|s| vec![s.to_owned()]);
     let mut decided: HashMap<&str, Option<DateTime<Utc>>> = HashMap::new();
     for (phone, rows) in &states {
