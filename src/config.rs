@@ -48,6 +48,7 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub reconcile: ReconcileConfig,
+    pub lists: ListsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -56,6 +57,25 @@ pub struct AdminConfig {
     /// Bearer tokens for `/v1/…`. None configured: the admin API is disabled (404).
     #[serde(deserialize_with = "secret_list")]
     pub tokens: Vec<SecretString>,
+}
+
+/// Opt-out lists (`POST /v1/imports`): the import body is streamed, not
+/// held, so its limit is far above `server.max_body_bytes`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListsConfig {
+    /// Largest CSV body `POST /v1/imports` takes (413 above).
+    pub max_import_bytes: usize,
+    /// How long an import's body may take to arrive (408 after).
+    #[serde(with = "humantime_serde")]
+    pub import_timeout: Duration,
+}
+
+impl Default for ListsConfig {
+    fn default() -> Self {
+        // A six-figure list of a spreadsheet's columns is tens of MB.
+        ListsConfig { max_import_bytes: 256 * 1024 * 1024, import_timeout: Duration::from_secs(600) }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -835,6 +855,12 @@ impl Config {
             if !(url.starts_with("https://") || url.starts_with("http://")) {
                 out.push(format!("server.public_url {url:?} must start with https:// or http://"));
             }
+        }
+        if self.lists.max_import_bytes < 1024 {
+            out.push("lists.max_import_bytes must be at least 1024".to_owned());
+        }
+        if self.lists.import_timeout.is_zero() {
+            out.push("lists.import_timeout must be above 0s".to_owned());
         }
         if self.server.max_body_bytes < 1024 {
             out.push("server.max_body_bytes must be at least 1024".to_owned());

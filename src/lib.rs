@@ -10,6 +10,7 @@
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod lists;
 pub mod metrics;
 pub mod ops;
 pub mod reconcile;

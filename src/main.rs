@@ -114,6 +114,35 @@ enum Command {
         #[arg(long, value_parser = parse_day)]
         until: Option<chrono::NaiveDate>,
     },
+    /// Import an opt-out list (CSV with a phone column; optional time, kind/status,
+    /// scope and note columns). Each row is recorded and relayed like a STOP
+    /// (or START); a row older than what is known is kept as history only.
+    /// Importing the same file again records nothing. Exit 0 once the file
+    /// was read, even with invalid lines (listed with their line numbers).
+    Import {
+        /// The CSV file.
+        file: std::path::PathBuf,
+        /// Scope of rows without one (a Messaging Service SID); default: the whole organisation.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Where the list came from, kept as `import:NAME`; default: the file's name.
+        #[arg(long)]
+        source: Option<String>,
+        /// Kind of rows without a kind/status column.
+        #[arg(long, value_enum, default_value = "opt_out")]
+        kind: optout_relay::lists::import::ImportKind,
+        /// Read and check the whole file, record nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the phones currently opted out (phone, scope, since, source), streamed.
+    Export {
+        /// Only this scope (its own states and organisation-wide ones).
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: optout_relay::lists::export::Format,
+    },
     /// Post a webhook signed as Twilio signs it (the first of twilio.auth_tokens, over
     /// server.public_url + /twilio/messages) to the running service and print its answer.
     ///
@@ -197,6 +226,10 @@ fn main() -> ExitCode {
             Command::OptOut(args) => staff(config, args, EventKind::OptOut).await,
             Command::OptIn(args) => staff(config, args, EventKind::OptIn).await,
             Command::Backfill { since, until } => backfill(config, since, until).await,
+            Command::Import { file, scope, source, kind, dry_run } => {
+                import_list(config, &file, scope, source, kind, dry_run).await
+            }
+            Command::Export { scope, format } => export_list(config, scope, format).await,
             Command::SendTest { keyword, phone, url, to, messaging_service_sid } => {
                 send_test(config, keyword, &phone, url.as_deref(), &to, messaging_service_sid.as_deref()).await
             }
@@ -559,6 +592,46 @@ async fn backfill(
          {} were recorded already; a running `serve` relays the changes",
         summary.missed_opt_outs, summary.missed_opt_ins, summary.missed_help, summary.already_recorded
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `import FILE`: the report as text; exit 0 once the file was read.
+async fn import_list(
+    config: Config,
+    file: &std::path::Path,
+    scope: Option<String>,
+    source: Option<String>,
+    kind: optout_relay::lists::import::ImportKind,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    use optout_relay::lists::import::{import, ImportOptions};
+    let region = config.keywords.region().context("keywords.default_region is not a region")?;
+    let input = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let source =
+        source.unwrap_or_else(|| file.file_name().map_or_else(|| "cli".into(), |n| n.to_string_lossy().into()));
+    let opts = ImportOptions { scope, source, kind: kind.into(), dry_run, region };
+    let store = Store::open_existing(&config.database).await?;
+    let report = import(&store, input, &opts, || {}).await;
+    store.close().await;
+    let report = report?;
+    print!("{}", report.to_text());
+    if report.recorded > 0 && !dry_run {
+        println!("a running `serve` relays what was recorded");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `export`: the suppression list on stdout.
+async fn export_list(
+    config: Config,
+    scope: Option<String>,
+    format: optout_relay::lists::export::Format,
+) -> anyhow::Result<ExitCode> {
+    let store = Store::open_existing(&config.database).await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = optout_relay::lists::export::write_to(store.clone(), scope, format, &mut out).await;
+    store.close().await;
+    written?;
     Ok(ExitCode::SUCCESS)
 }
 

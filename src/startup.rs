@@ -94,6 +94,7 @@ impl Application {
             relay: relay.clone(),
             tasks: tasks.clone(),
             schema_ready: schema_ready_rx,
+            lists: config.lists.clone(),
         });
         let body = http::BodyRules { max_bytes: config.server.max_body_bytes, timeout: config.server.body_timeout };
         let router = http::router(state, body, config.admin.tokens.clone());

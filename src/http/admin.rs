@@ -27,8 +27,10 @@ const MAX_LIMIT: i64 = 500;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "optout-relay admin API", description = "Opt-out state, events, sinks and what each holds; staff-recorded revocations."),
-    paths(phone, events, sinks, retry_sink, deliveries, retry_one, retry_dead, opt_out, opt_in, super::reviews::list, super::reviews::decide),
-    components(schemas(PhoneStatus, SinkTarget, Effective, Held, SinkStatus, EventRow, DeliveryRow, StateRow, EventPage, DeliveryPage, StaffChange, Recorded, ErrorBody, EventKind, DeliveryStatus, SinkReleased, DeliveryRequeued, DeadRequeued, crate::store::ReviewRow, super::reviews::DecisionBody, super::reviews::ReviewDecision)),
+    paths(phone, events, sinks, retry_sink, deliveries, retry_one, retry_dead, opt_out, opt_in, super::reviews::list, super::reviews::decide,
+          super::lists::import_list, super::lists::export_list, super::lists::check_phones),
+    components(schemas(crate::lists::import::ImportReport, crate::lists::read::InvalidRow, crate::lists::export::ListedOptOut, crate::lists::export::Format,
+                       crate::lists::check::Checked, super::lists::CheckRequest, super::lists::CheckResults, crate::lists::import::ImportKind, PhoneStatus, SinkTarget, Effective, Held, SinkStatus, EventRow, DeliveryRow, StateRow, EventPage, DeliveryPage, StaffChange, Recorded, ErrorBody, EventKind, DeliveryStatus, SinkReleased, DeliveryRequeued, DeadRequeued, crate::store::ReviewRow, super::reviews::DecisionBody, super::reviews::ReviewDecision)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -61,6 +63,7 @@ pub fn router(tokens: Vec<SecretString>) -> Router<AppState> {
         .route("/v1/opt-ins", post(opt_in))
         .route("/v1/reviews", get(super::reviews::list))
         .route("/v1/reviews/{id}", post(super::reviews::decide))
+        .merge(super::lists::routes())
         // Only on these routes (not `layer`, which would also wrap the
         // fallback): a path that exists nowhere is 404, not a 401 asking for
         // a token that would not help.

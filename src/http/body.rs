@@ -27,6 +27,17 @@ pub struct BodyRules {
 }
 
 pub async fn read_whole_body(State(rules): State<BodyRules>, request: Request, next: Next) -> Response {
+    // A list import is streamed by its handler, under `lists.*` limits.
+    if request.uri().path() == super::lists::IMPORT_PATH {
+        return next.run(request).await;
+    }
+    // A batch check of 10,000 numbers is larger than a webhook.
+    let rules = match request.uri().path() {
+        super::lists::CHECK_PATH => {
+            BodyRules { max_bytes: rules.max_bytes.max(super::lists::CHECK_MAX_BYTES), ..rules }
+        }
+        _ => rules,
+    };
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)

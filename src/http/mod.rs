@@ -5,6 +5,7 @@ mod body;
 pub mod error;
 mod events;
 mod health;
+mod lists;
 mod reviews;
 pub mod serve;
 mod webhook;
@@ -50,6 +51,8 @@ pub struct Inner {
     /// True once this process's migrations are applied (from the start when
     /// it does not apply them): until then a write is held, not failed.
     pub schema_ready: tokio::sync::watch::Receiver<bool>,
+    /// Limits of `POST /v1/imports`.
+    pub lists: crate::config::ListsConfig,
 }
 
 /// How long a write waits for the migrations on a fresh database before it

@@ -21,6 +21,7 @@ mod dialect;
 mod fan_out;
 mod health;
 mod ingest;
+mod lists;
 mod model;
 mod queue;
 mod read;
@@ -37,6 +38,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use crate::config::DatabaseConfig;
 
 pub use health::Failing;
+pub use lists::SourcedState;
 pub use model::*;
 pub use queue::Settled;
 pub use reviews::{Decided, Decision, NewReview, ReviewRow, ReviewStats};

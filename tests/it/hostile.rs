@@ -585,8 +585,8 @@ async fn the_openapi_document_says_what_the_admin_api_does() {
             }
         }
     }
-    // 9, and the two review endpoints (issue #10).
-    assert_eq!(operations, 11);
+    // 9, the two review endpoints (issue #10), the lists: import, export, check (issue #11).
+    assert_eq!(operations, 14);
     for status in ["400", "404", "409", "413", "415"] {
         assert!(op("/v1/reviews/{id}", "post")["responses"][status].is_object(), "/v1/reviews/{{id}} {status}");
     }

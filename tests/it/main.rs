@@ -13,6 +13,7 @@ mod email_sink;
 mod event_streams;
 mod hostile;
 mod ingest;
+mod lists;
 mod reconcile;
 mod redcap_sink;
 mod relay;

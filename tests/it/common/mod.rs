@@ -6,9 +6,9 @@
 
 pub mod fake_redcap;
 pub mod fake_smtp;
+pub mod fake_twilio;
 pub mod fake_van;
 pub mod webhook_receiver;
-pub mod fake_twilio;
 
 use std::future::Future;
 use std::net::SocketAddr;
