@@ -776,6 +776,17 @@ async fn relay_log_lines_carry_the_delivery_the_event_the_attempt_and_the_next_a
             .unwrap(),
     );
     wait_healthy(&child, || healthcheck(dir.path(), port)).await;
+    // Ready means migrated; the sinks are registered a moment later. Under
+    // load a STOP sent in between reaches REDCap by the start-up backfill,
+    // not by a worker, and this test follows the worker's log lines.
+    let db = format!("sqlite://{}?mode=ro", dir.path().join("optout-relay.db").display());
+    eventually("the sink registered", || async {
+        use sqlx::Connection;
+        let Ok(mut conn) = sqlx::SqliteConnection::connect(&db).await else { return false };
+        let n: Result<i64, _> = sqlx::query_scalar("SELECT COUNT(*) FROM sinks").fetch_one(&mut conn).await;
+        n.is_ok_and(|n| n == 1)
+    })
+    .await;
     let url = format!("http://127.0.0.1:{port}/twilio/messages");
     let client = reqwest::Client::new();
     let stop = stop_params("SMlog1", "+14155550177", "STOP", Some("STOP"));
