@@ -7,7 +7,6 @@
 #   bench/converge.sh --long-outage-secs 120        # extra arguments go to converge_bench
 #   INGEST=0 bench/converge.sh                      # skip the ingest comparison
 #   CONVERGE=0 bench/converge.sh                    # only the ingest comparison
-#   RELAY_LINGER=0s CONVERGE=0 bench/converge.sh    # the ingest runs with relay.linger set
 #
 # Per backend:
 #   examples/converge_bench.rs (the application in-process, fake REDCap
@@ -126,7 +125,7 @@ pg_version() {
     echo "# Converge benchmark"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-    echo "- command: bench/converge.sh${*:+ $*} (BACKENDS=\"$BACKENDS\" CONVERGE=$CONVERGE INGEST=$INGEST${RELAY_LINGER:+ RELAY_LINGER=$RELAY_LINGER} INGEST_DIAG=$INGEST_DIAG REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY WARMUP=$WARMUP ROUNDS=$ROUNDS)"
+    echo "- command: bench/converge.sh${*:+ $*} (BACKENDS=\"$BACKENDS\" CONVERGE=$CONVERGE INGEST=$INGEST INGEST_DIAG=$INGEST_DIAG REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY WARMUP=$WARMUP ROUNDS=$ROUNDS)"
     echo "- machine: $(nproc) CPUs, $(cpu_model), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo)"
     echo "- kernel: $(uname -srm)"
     echo "- load average before the build: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -222,7 +221,6 @@ ingest_run() {
         OPTOUT_RELAY__SERVER__LISTEN="127.0.0.1:$port" \
         OPTOUT_RELAY__SERVER__PUBLIC_URL="$PUBLIC_URL" \
         OPTOUT_RELAY__TWILIO__AUTH_TOKENS="$TOKEN" \
-        ${RELAY_LINGER:+OPTOUT_RELAY__RELAY__LINGER="$RELAY_LINGER"} \
         "$APP" serve >"$TMP/server-$label.log" 2>&1) &
     SERVER_PID=$!
     local ready=""
@@ -238,7 +236,7 @@ ingest_run() {
         >"$TMP/loadgen-$label.out" 2>"$TMP/loadgen-$label.err" \
         || { cat "$TMP/loadgen-$label.err" >&2; tail -20 "$TMP/server-$label.log" >&2; die "$label: loadgen"; }
     # What the relay had left when the load ended (it kept running meanwhile),
-    # once the fan-out has taken the last changes (it lingers relay.linger).
+    # once the fan-out (asynchronous to ingest) has taken the last changes.
     local rows pending waiting
     for _ in $(seq 50); do
         waiting=$(count_rows "$backend" "$db_url" "SELECT count(*) FROM changes")

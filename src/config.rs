@@ -543,13 +543,6 @@ pub struct RelayConfig {
     /// it at once, so this only bounds the wait for timers (backoff, rechecks).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// How long the fan-out and a worker, once woken, wait for more changes
-    /// before taking a partial batch. Under a stream of webhooks this turns
-    /// many small sink calls and statements into a few full ones; it adds
-    /// at most this much to each change's way to the sink. A backlog goes
-    /// in full batches without waiting. "0s": take whatever is there at once.
-    #[serde(with = "humantime_serde")]
-    pub linger: Duration,
     /// A claimed delivery whose worker vanished becomes due again after
     /// this. It must outlast a batch's worst case (see `problems`), or a
     /// slow worker's write could land after its successor's.
@@ -589,7 +582,6 @@ impl Default for RelayConfig {
             workers: 2,
             batch_size: 500,
             poll_interval: Duration::from_millis(500),
-            linger: Duration::from_millis(100),
             lease: Duration::from_secs(120),
             retry_base: Duration::from_secs(1),
             retry_cap: Duration::from_secs(15),

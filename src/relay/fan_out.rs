@@ -45,11 +45,7 @@ pub(super) async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
-            // Commits come in streams: gather a batch's worth (see `relay.linger`).
-            () = woken => tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(relay.policy.linger) => {},
-            },
+            () = woken => {},
             () = tokio::time::sleep(pause) => {},
         }
     }

@@ -37,9 +37,8 @@ pub(super) struct Worker {
 
 /// What a pass found.
 enum Pass {
-    /// Did work: look again at once when it filled a batch (more is likely
-    /// waiting); after a partial one, once `relay.linger` has gathered more.
-    Busy { full: bool },
+    /// Did work: look again at once.
+    Busy,
     /// Nothing to do (or not allowed to) for this long, unless woken.
     Idle(Duration),
 }
@@ -56,13 +55,8 @@ impl Worker {
             tokio::pin!(woken);
             woken.as_mut().enable();
             let idle = match self.pass().await {
-                Ok(Pass::Busy { full: true }) => {
+                Ok(Pass::Busy) => {
                     store_backoff = poll;
-                    continue;
-                }
-                Ok(Pass::Busy { full: false }) => {
-                    store_backoff = poll;
-                    self.linger(&shutdown).await;
                     continue;
                 }
                 Ok(Pass::Idle(d)) => {
@@ -77,25 +71,11 @@ impl Worker {
             };
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = woken => self.linger(&shutdown).await,
+                () = woken => {},
                 () = tokio::time::sleep(idle) => {},
             }
         }
         tracing::debug!(owner = %self.owner, "relay worker stopped");
-    }
-
-    /// Lets rows gather before a claim that would otherwise take a few: under
-    /// a sustained stream of webhooks every wake-up would cost a sink call
-    /// (a whole-project export for REDCap) and three statements for a
-    /// handful of phones. A backlog is claimed in full batches without it.
-    async fn linger(&self, shutdown: &CancellationToken) {
-        let linger = self.relay.policy.linger;
-        if !linger.is_zero() {
-            tokio::select! {
-                () = shutdown.cancelled() => {},
-                () = tokio::time::sleep(linger) => {},
-            }
-        }
     }
 
     async fn pass(&self) -> Result<Pass, StoreError> {
@@ -143,7 +123,7 @@ impl Worker {
                         tracing::info!(sink = name, "sink works again");
                         store.sink_ok(name).await?;
                         self.relay.due.notify_waiters();
-                        Ok(Pass::Busy { full: true })
+                        Ok(Pass::Busy)
                     }
                     Err(error) => {
                         self.failed(health.as_ref().map_or(0, |h| h.backoff_step) + 1, &error).await?;
@@ -153,7 +133,6 @@ impl Worker {
             }
             return Ok(Pass::Idle(policy.poll_interval));
         }
-        let full = batch.len() >= limit as usize;
         let deadline = (claimed_at + policy.lease).checked_sub(LEASE_MARGIN).unwrap_or(claimed_at);
         let (outcome, settles) = match (&self.sink.kind, Converging::of(&self.sink.kind)) {
             (_, Some(sink)) => self.converge(batch, sink, deadline).await?,
@@ -202,7 +181,7 @@ impl Worker {
                 return Ok(Pass::Idle(Duration::ZERO));
             }
         }
-        Ok(Pass::Busy { full })
+        Ok(Pass::Busy)
     }
 
     /// Puts the sink into backoff after a failure at `step`.
