@@ -52,11 +52,16 @@ pub(super) fn no_answer(e: reqwest::Error) -> NoAnswer {
 
 /// A body reduced to one short line for an error message.
 pub(super) fn snippet(body: &str) -> String {
+    snippet_at(body, MAX_QUOTED_CHARS)
+}
+
+/// [`snippet`] cut after `max` characters (REDCap's own messages are longer).
+pub(super) fn snippet_at(body: &str, max: usize) -> String {
     let one_line = body.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.is_empty() {
         return "(empty body)".to_owned();
     }
-    match one_line.char_indices().nth(MAX_QUOTED_CHARS) {
+    match one_line.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &one_line[..i]),
         None => one_line,
     }

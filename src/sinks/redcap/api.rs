@@ -317,14 +317,7 @@ fn scrub(e: SinkError, token: &str) -> SinkError {
 
 /// A body reduced to one short line for an error message.
 fn snippet(body: &str) -> String {
-    let one_line = body.split_whitespace().collect::<Vec<_>>().join(" ");
-    if one_line.is_empty() {
-        return "(empty body)".to_owned();
-    }
-    match one_line.char_indices().nth(MAX_MESSAGE_CHARS) {
-        Some((i, _)) => format!("{}…", &one_line[..i]),
-        None => one_line,
-    }
+    crate::sinks::http::snippet_at(body, MAX_MESSAGE_CHARS)
 }
 
 /// A JSON scalar as REDCap means it: strings as they are, numbers as text, null as blank.
