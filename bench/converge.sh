@@ -53,6 +53,7 @@ REQUESTS=${REQUESTS:-20000}
 CONCURRENCY=${CONCURRENCY:-32}
 WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-2}
+YIELD_BASELINE=${YIELD_BASELINE:-1}  # also 1 and 3 sinks with relay.yield_above = 0 (the relay never steps aside)
 INGEST_DIAG=${INGEST_DIAG:-1}      # also 1 and 3 sinks with REDCap unreachable (relay idle)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 APP="$TARGET_DIR/release/optout-relay"
@@ -125,7 +126,7 @@ pg_version() {
     echo "# Converge benchmark"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-    echo "- command: bench/converge.sh${*:+ $*} (BACKENDS=\"$BACKENDS\" CONVERGE=$CONVERGE INGEST=$INGEST INGEST_DIAG=$INGEST_DIAG REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY WARMUP=$WARMUP ROUNDS=$ROUNDS)"
+    echo "- command: bench/converge.sh${*:+ $*} (BACKENDS=\"$BACKENDS\" CONVERGE=$CONVERGE INGEST=$INGEST INGEST_DIAG=$INGEST_DIAG YIELD_BASELINE=$YIELD_BASELINE REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY WARMUP=$WARMUP ROUNDS=$ROUNDS)"
     echo "- machine: $(nproc) CPUs, $(cpu_model), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo)"
     echo "- kernel: $(uname -srm)"
     echo "- load average before the build: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -202,9 +203,9 @@ count_rows() {
 # ingest_run BACKEND SINKS ROUND [unreachable] -> prints a line, sets RPS
 ingest_run() {
     local backend=$1 sinks=$2 round=$3 unreachable=${4:-} db_url port
-    local label="ingest-$1-$2sinks${unreachable:+-unreachable}-$3"
+    local label="ingest-$1-$2sinks${unreachable:+-unreachable}${NO_YIELD:+-noyield}-$3"
     if [[ $backend == postgres ]]; then
-        local db="optout_bench_$$_ingest_${sinks}${unreachable:+u}_${round}"
+        local db="optout_bench_$$_ingest_${sinks}${unreachable:+u}${NO_YIELD:+n}_${round}"
         psql "$PG_ADMIN_URL" -X -q -c "CREATE DATABASE $db" >/dev/null
         DBS+=("$db")
         db_url="$PG_ROOT/$db"
@@ -221,6 +222,7 @@ ingest_run() {
         OPTOUT_RELAY__SERVER__LISTEN="127.0.0.1:$port" \
         OPTOUT_RELAY__SERVER__PUBLIC_URL="$PUBLIC_URL" \
         OPTOUT_RELAY__TWILIO__AUTH_TOKENS="$TOKEN" \
+        ${NO_YIELD:+OPTOUT_RELAY__RELAY__YIELD_ABOVE=0} \
         "$APP" serve >"$TMP/server-$label.log" 2>&1) &
     SERVER_PID=$!
     local ready=""
@@ -232,9 +234,11 @@ ingest_run() {
     [[ -n "$ready" ]] || { tail -20 "$TMP/server-$label.log" >&2; die "$label: server not ready after 30 s"; }
     timeout 600 "$LOADGEN" --url "http://127.0.0.1:$port" --public-url "$PUBLIC_URL" --token "$TOKEN" \
         --concurrency "$CONCURRENCY" --requests "$REQUESTS" --warmup "$WARMUP" --kind stop \
-        --watch "server=pid:$SERVER_PID" ${PG_POSTMASTER:+--watch "postgres=tree:$PG_POSTMASTER"} \
+        --watch "server=pid:$SERVER_PID" --watch "fakes=pid:$FAKES_PID" ${PG_POSTMASTER:+--watch "postgres=tree:$PG_POSTMASTER"} \
         >"$TMP/loadgen-$label.out" 2>"$TMP/loadgen-$label.err" \
         || { cat "$TMP/loadgen-$label.err" >&2; tail -20 "$TMP/server-$label.log" >&2; die "$label: loadgen"; }
+    local load_end
+    load_end=$(date +%s.%N)
     # What the relay had left when the load ended (it kept running meanwhile),
     # once the fan-out (asynchronous to ingest) has taken the last changes.
     local rows pending waiting
@@ -245,6 +249,22 @@ ingest_run() {
     done
     rows=$(count_rows "$backend" "$db_url" "SELECT count(*) FROM sink_phones")
     pending=$(count_rows "$backend" "$db_url" "SELECT count(*) FROM sink_phones WHERE status = 'pending'")
+    # How long the relay takes to catch up once the load has ended (it steps
+    # aside during a burst, relay.yield_above): seconds from the end of the
+    # load until no row is pending. Not with REDCap unreachable (it never does).
+    local drained="-" left=$pending
+    if [[ -z "$unreachable" && "$sinks" != 0 && "$pending" != "?" ]]; then
+        for _ in $(seq 600); do
+            [[ "$left" == 0 ]] && break
+            sleep 0.2
+            left=$(count_rows "$backend" "$db_url" "SELECT count(*) FROM sink_phones WHERE status = 'pending'")
+        done
+        if [[ "$left" == 0 ]]; then
+            drained=$(awk -v a="$load_end" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+        else
+            drained=">120"
+        fi
+    fi
     kill -TERM "$SERVER_PID"
     timeout 20 tail --pid="$SERVER_PID" -f /dev/null || die "$label: server did not stop within 20 s of SIGTERM"
     wait "$SERVER_PID" || true
@@ -254,7 +274,7 @@ ingest_run() {
     cpu=$(grep '^CPU ' "$TMP/loadgen-$label.out" || true)
     for kv in ${line#RESULT }; do printf -v "R_${kv%%=*}" '%s' "${kv#*=}"; done
     RPS=$R_rps
-    echo "INGEST backend=$backend sinks=$sinks${unreachable:+ redcap=unreachable} round=$round rps=$R_rps p50_ms=$R_p50_ms p99_ms=$R_p99_ms errors=$R_errors ok_total=$R_ok_total sink_phones=$rows pending_at_end=$pending (${cpu#CPU })"
+    echo "INGEST backend=$backend sinks=$sinks${unreachable:+ redcap=unreachable}${NO_YIELD:+ yield=off} round=$round rps=$R_rps p50_ms=$R_p50_ms p99_ms=$R_p99_ms errors=$R_errors ok_total=$R_ok_total sink_phones=$rows pending_at_end=$pending drained_s=$drained (${cpu#CPU })"
     if [[ "$rows" != "?" && "$rows" != "$(( R_ok_total * sinks ))" ]]; then
         echo "CHECK FAILED: $label: $rows sink_phones rows, expected $(( R_ok_total * sinks ))"
         INGEST_BAD=1
@@ -272,7 +292,7 @@ mean() { printf '%s\n' "$@" | awk '{s += $1} END {printf "%.0f", s / NR}'; }
 
 ingest() {
     local backend=$1 round sinks
-    local -a one=() three=() zero=() one_u=() three_u=()
+    local -a one=() three=() zero=() one_u=() three_u=() one_n=() three_n=()
     INGEST_BAD=0
     start_fakes
     for round in $(seq "$ROUNDS"); do
@@ -281,6 +301,13 @@ ingest() {
             ingest_run "$backend" "$sinks" "$round"
             if [[ $sinks == 1 ]]; then one+=("$RPS"); else three+=("$RPS"); fi
         done
+        if [[ "$YIELD_BASELINE" != 0 ]]; then
+            for sinks in 1 3; do
+                log "$backend ingest, $sinks sink(s), relay.yield_above = 0 (the relay never steps aside), round $round"
+                NO_YIELD=1 ingest_run "$backend" "$sinks" "$round"
+                if [[ $sinks == 1 ]]; then one_n+=("$RPS"); else three_n+=("$RPS"); fi
+            done
+        fi
         if [[ "$INGEST_DIAG" != 0 ]]; then
             log "$backend ingest, no sink, round $round"
             ingest_run "$backend" 0 "$round"
@@ -305,6 +332,12 @@ ingest() {
     echo "| webhooks/s with 1 sink (runs: ${one[*]}) | $m1 | — | baseline |"
     echo "| webhooks/s with 3 sinks (runs: ${three[*]}) | $m3 | — | reported |"
     echo "| ratio 3 sinks / 1 sink | ${ratio}× | ≥ 0.9× | $ok |"
+    if [[ "$YIELD_BASELINE" != 0 ]]; then
+        local n1 n3
+        n1=$(mean "${one_n[@]}")
+        n3=$(mean "${three_n[@]}")
+        echo "| baseline, relay.yield_above = 0: 1 sink (runs: ${one_n[*]}) / 3 sinks (runs: ${three_n[*]}) | $n1 / $n3 ($(awk -v a="$n3" -v b="$n1" 'BEGIN {printf "%.2f", a / b}')×) | — | reported |"
+    fi
     if [[ "$INGEST_DIAG" != 0 ]]; then
         local u1 u3
         u1=$(mean "${one_u[@]}")

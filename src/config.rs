@@ -574,6 +574,16 @@ pub struct RelayConfig {
     /// request its client gave up on (PHP runs on after the timeout).
     #[serde(with = "humantime_serde")]
     pub recheck_late: Duration,
+    /// Events recorded per second above which the relay steps aside for
+    /// ingest: its workers and fan-out wait for the burst to pass (at most
+    /// `yield_max` between two passes), so webhooks keep the CPUs and the
+    /// database. 0: never.
+    pub yield_above: u32,
+    /// The longest a relay task waits for a burst to pass: under sustained
+    /// load each worker still takes a batch, and the fan-out all waiting
+    /// changes, this often.
+    #[serde(with = "humantime_serde")]
+    pub yield_max: Duration,
 }
 
 impl Default for RelayConfig {
@@ -589,6 +599,8 @@ impl Default for RelayConfig {
             max_age: Duration::from_secs(3 * 24 * 3600),
             recheck_soon: Duration::from_secs(15),
             recheck_late: Duration::from_secs(10 * 60),
+            yield_above: 200,
+            yield_max: Duration::from_secs(5),
         }
     }
 }
@@ -903,6 +915,11 @@ impl Config {
         }
         if relay.max_age.is_zero() {
             out.push("relay.max_age must be above 0".to_owned());
+        }
+        // Under sustained load a worker takes one batch per `yield_max`: a
+        // longer wait would let a steady stream of webhooks hold sinks back.
+        if relay.yield_max > Duration::from_secs(60) {
+            out.push("relay.yield_max must be at most 1m".to_owned());
         }
         self.reconcile_problems(&mut out);
         out
@@ -1388,6 +1405,7 @@ to = "ops@example.org"
         assert_eq!((relay.recheck_soon, relay.recheck_late), (Duration::from_secs(15), Duration::from_secs(600)));
         assert_eq!(relay.misconfigured_retry, Duration::from_secs(15 * 60));
         assert_eq!(relay.max_age, Duration::from_secs(3 * 24 * 3600));
+        assert_eq!((relay.yield_above, relay.yield_max), (200, Duration::from_secs(5)));
         // The constructors agree with the file's defaults.
         let built = RedcapConfig::new(&r.url, r.token.clone(), &r.phone_field, &r.optout_field);
         assert_eq!(format!("{built:?}"), format!("{r:?}"));
@@ -1597,6 +1615,12 @@ to = "ops@example.org"
         let zero = self::problems(&STUDY_A.replace("resync_interval", "max_calls_per_minute = 0\nresync_interval"));
         assert_eq!(zero.len(), 1, "{zero:?}");
         assert!(zero[0].contains("max_calls_per_minute must be between 1 and 600"));
+    }
+
+    #[test]
+    fn relay_yield_max_is_bounded() {
+        assert_eq!(problems("[relay]\nyield_max = \"2m\"\n"), ["relay.yield_max must be at most 1m"]);
+        assert_eq!(problems("[relay]\nyield_above = 0\nyield_max = \"1m\"\n"), Vec::<String>::new());
     }
 
     #[test]

@@ -71,6 +71,12 @@ fn describe() {
         "Consent changes recorded and not yet fanned out to the sinks' queues (normally 0; growing: the fan-out \
          is stuck)"
     );
+    describe_histogram!(
+        "optout_relay_yield_seconds",
+        Unit::Seconds,
+        "Each wait of a relay task (worker, fan-out) stepping aside while ingest recorded more than \
+         relay.yield_above events a second; the sum is the relay's total delay"
+    );
     describe_counter!(
         "optout_requests_held_for_schema_total",
         "Writes held at start until this process's migrations were applied"
@@ -180,6 +186,11 @@ pub fn queue(sink: &str, pending: i64, oldest_age_seconds: f64, dead: i64) {
 }
 
 /// Changes not yet fanned out (read from the store at each scrape).
+/// Seconds a relay task waited for a burst of webhooks to pass.
+pub fn relay_yield(seconds: f64) {
+    metrics::histogram!("optout_relay_yield_seconds").record(seconds);
+}
+
 pub fn changes_waiting(n: i64) {
     metrics::gauge!("optout_changes_waiting").set(n as f64);
 }

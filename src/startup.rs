@@ -20,7 +20,7 @@ use crate::sinks::redcap::RedcapSink;
 use crate::sinks::webhook::WebhookSink;
 use crate::sinks::{Sink, SinkKind};
 use crate::store::batch::BatchWriter;
-use crate::store::Store;
+use crate::store::{IngestLoad, Store};
 use crate::supervise::{self, Tasks};
 use crate::twilio::keywords::Keywords;
 use crate::twilio::signature::Verifier;
@@ -74,12 +74,14 @@ impl Application {
         crate::metrics::register(&sinks.iter().map(|s| s.name.as_str()).collect::<Vec<_>>());
         // Notified when a change was committed: wakes the relay's fan-out.
         let recorded = Arc::new(Notify::new());
-        let relay = Arc::new(Relay::new(store.clone(), sinks, config.relay.clone(), recorded.clone()));
+        // Events committed per second: the relay steps aside during a burst.
+        let load = Arc::new(IngestLoad::default());
+        let relay = Arc::new(Relay::new(store.clone(), sinks, config.relay.clone(), recorded.clone(), load.clone()));
         // PostgreSQL overlaps commits from two writers; SQLite has one write lock.
         let writers = if store.backend() == "postgres" { 2 } else { 1 };
         let tasks = Tasks::new();
         let writers_stop = CancellationToken::new();
-        let writer = BatchWriter::spawn(store.clone(), writers, recorded.clone(), &tasks, writers_stop.clone());
+        let writer = BatchWriter::spawn(store.clone(), writers, recorded.clone(), load, &tasks, writers_stop.clone());
         // Without migrations at start the operator has run `migrate`: ready now.
         let (schema_ready, schema_ready_rx) = tokio::sync::watch::channel(!config.database.run_migrations_on_start);
         let state = AppState::new(Inner {

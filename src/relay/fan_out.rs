@@ -2,7 +2,8 @@
 //! that follow them (`Store::fan_out`), then wakes the workers.
 //!
 //! One task per process, woken by ingest's commits; replicas' fan-outs take
-//! disjoint changes. It runs whatever the sinks' health: a sink backing off
+//! disjoint changes. During a burst of webhooks it steps aside
+//! (`Relay::yield_to_ingest`) and then takes everything waiting at once. It runs whatever the sinks' health: a sink backing off
 //! still has its rows pending, so `/v1/sinks` counts what waits for it and
 //! its probe finds work. A store error is retried with a doubling pause; the
 //! changes stay in the store meanwhile (nothing is lost, only later).
@@ -23,11 +24,19 @@ pub(super) async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     let follows = follows(&relay.sinks);
     let poll = relay.policy.poll_interval;
     let mut pause = poll;
+    let mut last_pass: Option<tokio::time::Instant> = None;
+    let mut draining = false;
     while !shutdown.is_cancelled() {
+        // During a burst, step aside; once running, take everything waiting.
+        if let (Some(last), false) = (last_pass, draining) {
+            relay.yield_to_ingest(last, &shutdown).await;
+        }
+        draining = false;
         // Registered before the pass: a commit rung while it runs is not lost.
         let woken = relay.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
+        last_pass = Some(tokio::time::Instant::now());
         match relay.store.fan_out(&follows, BATCH).await {
             Ok(taken) => {
                 pause = poll;
@@ -35,6 +44,7 @@ pub(super) async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
                     relay.due.notify_waiters();
                 }
                 if taken == u64::from(BATCH) {
+                    draining = true;
                     continue; // more waiting
                 }
             }

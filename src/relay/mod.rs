@@ -23,6 +23,7 @@ pub mod target;
 mod worker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
 use crate::sinks::{Sink, SinkKind};
-use crate::store::{SinkFollow, Store};
+use crate::store::{IngestLoad, SinkFollow, Store};
 use crate::supervise::{self, Tasks};
 
 /// What every task of the relay shares.
@@ -43,6 +44,36 @@ pub struct Relay {
     /// Rung when rows became due (fanned out, retried by an operator, a
     /// sink that works again): wakes the workers.
     pub due: Arc<Notify>,
+    /// Events committed per second by ingest (see [`Relay::yield_to_ingest`]).
+    pub load: Arc<IngestLoad>,
+}
+
+/// How often a relay task stepping aside looks at ingest again.
+const YIELD_POLL: Duration = Duration::from_millis(100);
+
+/// Waits while `load` is above `above` events a second (0: never), until
+/// `until` at the latest; returns how long it waited.
+async fn step_aside(
+    load: &IngestLoad,
+    above: u32,
+    until: tokio::time::Instant,
+    shutdown: &CancellationToken,
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    if above == 0 {
+        return Duration::ZERO;
+    }
+    while load.per_second() > f64::from(above) {
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            break;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep((until - now).min(YIELD_POLL)) => {},
+        }
+    }
+    started.elapsed()
 }
 
 /// Which sinks an event concerns, as ingest needs it.
@@ -59,9 +90,30 @@ pub fn follows(sinks: &[Arc<Sink>]) -> Vec<SinkFollow> {
 }
 
 impl Relay {
-    /// `wake` is what ingest rings after recording a change.
-    pub fn new(store: Store, sinks: Vec<Arc<Sink>>, policy: RelayConfig, wake: Arc<Notify>) -> Relay {
-        Relay { store, sinks, policy, wake, due: Arc::new(Notify::new()) }
+    /// `wake` is what ingest rings after recording a change; `load`, what
+    /// it counts.
+    pub fn new(
+        store: Store,
+        sinks: Vec<Arc<Sink>>,
+        policy: RelayConfig,
+        wake: Arc<Notify>,
+        load: Arc<IngestLoad>,
+    ) -> Relay {
+        Relay { store, sinks, policy, wake, due: Arc::new(Notify::new()), load }
+    }
+
+    /// Waits while ingest records more than `relay.yield_above` events a
+    /// second, but never past `last + relay.yield_max`, `last` being when the
+    /// caller last did its work. During a burst of webhooks the workers and
+    /// the fan-out step aside, so ingest keeps the CPUs and the database
+    /// (a webhook is answered while Twilio waits; a sink write can follow
+    /// seconds later), and each still runs at least once per `yield_max`,
+    /// so a sustained load delays the relay but cannot starve it.
+    pub(crate) async fn yield_to_ingest(&self, last: tokio::time::Instant, shutdown: &CancellationToken) {
+        let waited = step_aside(&self.load, self.policy.yield_above, last + self.policy.yield_max, shutdown).await;
+        if !waited.is_zero() {
+            crate::metrics::relay_yield(waited.as_secs_f64());
+        }
     }
 
     /// Rings everything that may have work now.
@@ -121,5 +173,88 @@ impl Relay {
 
     pub fn sink(&self, name: &str) -> Option<&Arc<Sink>> {
         self.sinks.iter().find(|s| s.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` events every 100 ms until `stop`.
+    fn burst(load: Arc<IngestLoad>, n: u64, stop: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                load.add(n);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    fn at(secs: u64) -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(secs)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_or_light_load_is_not_waited_for() {
+        let load = Arc::new(IngestLoad::default());
+        let never = CancellationToken::new();
+        assert_eq!(step_aside(&load, 200, at(5), &never).await, Duration::ZERO);
+        let stop = CancellationToken::new();
+        let light = burst(load.clone(), 10, stop.clone()); // 100 a second
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(step_aside(&load, 200, at(5), &never).await, Duration::ZERO);
+        stop.cancel();
+        light.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sustained_burst_is_waited_for_no_longer_than_the_limit() {
+        let load = Arc::new(IngestLoad::default());
+        let (stop, never) = (CancellationToken::new(), CancellationToken::new());
+        let heavy = burst(load.clone(), 100, stop.clone()); // 1,000 a second
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let waited = step_aside(&load, 200, at(5), &never).await;
+        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_millis(5_200), "{waited:?}");
+        // Switched off: no wait, whatever the load.
+        assert_eq!(step_aside(&load, 0, at(5), &never).await, Duration::ZERO);
+        stop.cancel();
+        heavy.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_ends_about_a_second_after_the_burst() {
+        let load = Arc::new(IngestLoad::default());
+        let (stop, never) = (CancellationToken::new(), CancellationToken::new());
+        let heavy = burst(load.clone(), 100, stop.clone());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            stop.cancel();
+        });
+        let waited = step_aside(&load, 200, at(30), &never).await;
+        assert!(waited > Duration::from_secs(2) && waited <= Duration::from_millis(3_200), "{waited:?}");
+        ender.await.unwrap();
+        heavy.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutting_down_ends_the_wait() {
+        let load = Arc::new(IngestLoad::default());
+        let stop = CancellationToken::new();
+        let heavy = burst(load.clone(), 100, stop.clone());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let shutdown = CancellationToken::new();
+        let canceller = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                shutdown.cancel();
+            })
+        };
+        let waited = step_aside(&load, 200, at(30), &shutdown).await;
+        assert!(waited <= Duration::from_millis(400), "{waited:?}");
+        stop.cancel();
+        canceller.await.unwrap();
+        heavy.await.unwrap();
     }
 }

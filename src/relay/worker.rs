@@ -48,12 +48,17 @@ impl Worker {
         tracing::debug!(owner = %self.owner, "relay worker started");
         let poll = self.relay.policy.poll_interval;
         let mut store_backoff = poll;
+        let mut last_pass: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
+            if let Some(last) = last_pass {
+                self.relay.yield_to_ingest(last, &shutdown).await;
+            }
             // Registered before the pass: a wake-up rung while the pass runs
             // (rows fanned out after its claim) is not lost.
             let woken = wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
+            last_pass = Some(tokio::time::Instant::now());
             let idle = match self.pass().await {
                 Ok(Pass::Busy) => {
                     store_backoff = poll;

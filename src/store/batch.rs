@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{NewEvent, RecordOutcome, Store, StoreError};
+use super::{IngestLoad, NewEvent, RecordOutcome, Store, StoreError};
 use crate::supervise::{self, Tasks};
 
 const MAX_BATCH: usize = 256;
@@ -50,17 +50,19 @@ pub struct BatchWriter {
 impl BatchWriter {
     /// Starts `writers` supervised writer tasks (`batch-writer-N` in `tasks`).
     /// `recorded` is notified after each commit that recorded a change, so
-    /// the relay's fan-out can start without polling. A writer stops once every
+    /// the relay's fan-out can start without polling; `load` counts the
+    /// events committed, so the relay can tell a burst. A writer stops once every
     /// `BatchWriter` is dropped (the requests in flight are answered first);
     /// `shutdown` only stops restarting writers that panic.
     pub fn spawn(
         store: Store,
         writers: usize,
         recorded: Arc<Notify>,
+        load: Arc<IngestLoad>,
         tasks: &Tasks,
         shutdown: CancellationToken,
     ) -> BatchWriter {
-        spawn_with(store, writers, recorded, tasks, shutdown)
+        spawn_with(store, writers, recorded, load, tasks, shutdown)
     }
 
     /// Records one event; returns once its transaction committed (or failed).
@@ -77,6 +79,7 @@ fn spawn_with<R: Recorder>(
     recorder: R,
     writers: usize,
     recorded: Arc<Notify>,
+    load: Arc<IngestLoad>,
     tasks: &Tasks,
     shutdown: CancellationToken,
 ) -> BatchWriter {
@@ -85,9 +88,9 @@ fn spawn_with<R: Recorder>(
     // writer's run, so the channel outlives a writer that panics.
     let rx = Arc::new(Mutex::new(rx));
     for n in 0..writers.max(1) {
-        let (recorder, rx, recorded) = (recorder.clone(), rx.clone(), recorded.clone());
+        let (recorder, rx, recorded, load) = (recorder.clone(), rx.clone(), recorded.clone(), load.clone());
         supervise::spawn(format!("batch-writer-{n}"), tasks, shutdown.clone(), move || {
-            write_batches(recorder.clone(), rx.clone(), recorded.clone())
+            write_batches(recorder.clone(), rx.clone(), recorded.clone(), load.clone())
         });
     }
     BatchWriter { tx }
@@ -95,7 +98,12 @@ fn spawn_with<R: Recorder>(
 
 /// One writer: gathers a batch, commits it, answers each request; returns
 /// when every sender is gone.
-async fn write_batches<R: Recorder>(recorder: R, rx: Arc<Mutex<mpsc::Receiver<Job>>>, recorded: Arc<Notify>) {
+async fn write_batches<R: Recorder>(
+    recorder: R,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    recorded: Arc<Notify>,
+    load: Arc<IngestLoad>,
+) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
         {
@@ -106,6 +114,8 @@ async fn write_batches<R: Recorder>(recorder: R, rx: Arc<Mutex<mpsc::Receiver<Jo
             }
         }
         let (events, replies): (Vec<NewEvent>, Vec<_>) = jobs.drain(..).map(|j| (j.event, j.reply)).unzip();
+        // Every webhook counts, duplicates too: each cost a commit.
+        load.add(events.len() as u64);
         match recorder.record(&events).await {
             Ok(outcomes) => {
                 if outcomes.iter().any(|o| matches!(o, RecordOutcome::Recorded(_))) {
@@ -183,7 +193,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_writer_that_panics_fails_its_jobs_and_is_restarted_on_the_same_channel() {
         let (tasks, shutdown, recorder) = (Tasks::new(), CancellationToken::new(), PanicsOnce::default());
-        let writer = spawn_with(recorder.clone(), 1, Arc::default(), &tasks, shutdown.clone());
+        let writer = spawn_with(recorder.clone(), 1, Arc::default(), Arc::default(), &tasks, shutdown.clone());
 
         let lost = writer.record(event("SMpanic1")).await;
         assert!(

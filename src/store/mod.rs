@@ -22,6 +22,7 @@ mod fan_out;
 mod health;
 mod ingest;
 mod lists;
+mod load;
 mod model;
 mod queue;
 mod read;
@@ -39,6 +40,7 @@ use crate::config::DatabaseConfig;
 
 pub use health::Failing;
 pub use lists::SourcedState;
+pub use load::IngestLoad;
 pub use model::*;
 pub use queue::Settled;
 pub use reviews::{Decided, Decision, NewReview, ReviewRow, ReviewStats};

@@ -252,6 +252,51 @@ async fn after_an_outage_the_backlog_lands_at_once_in_one_batch(b: Backend) {
     app.stop().await;
 }
 
+// ------------------------------------------------------- ingest comes first
+
+/// During a stream of webhooks above `relay.yield_above` the relay steps
+/// aside: each worker takes a batch once per `yield_max` instead of at every
+/// wake-up (so REDCap sees a handful of exports, not one per limiter slot),
+/// yet a STOP sent during the stream is stamped before the stream ends, and
+/// everything is written once it has passed.
+async fn during_a_burst_the_relay_steps_aside_but_is_not_starved(b: Backend) {
+    let fake = FakeRedcap::start(project()).await;
+    let app = spawn_app_with(b, |c| {
+        relay_to(&fake)(c);
+        c.relay.yield_above = 5;
+        c.relay.yield_max = Duration::from_secs(2);
+    })
+    .await;
+    let stream = Duration::from_secs(8);
+    let started = std::time::Instant::now();
+    let (mut sent, mut stop_sent, mut stamped_at) = (0, false, None);
+    while started.elapsed() < stream {
+        // Numbers nobody in the project has: each costs the relay an export.
+        let params = stop_params(&format!("SMburst{sent}"), &format!("+1212555{:04}", sent), "STOP", None);
+        assert_eq!(app.post_signed(&params, TOKEN).await.status(), 200);
+        sent += 1;
+        if !stop_sent && started.elapsed() >= Duration::from_secs(1) {
+            text(&app, "SMburstStop", "STOP", SERVICE).await;
+            stop_sent = true;
+        }
+        if stop_sent && stamped_at.is_none() && stamped(&fake, "1") {
+            stamped_at = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let exports = fake.calls_of(CallKind::Export);
+    assert!(sent > 5 * 8 * 2, "the stream ({sent} webhooks in 8 s) must be well above relay.yield_above");
+    assert!(stamped_at.is_some(), "the STOP sent at 1 s was not stamped before the stream ended at 8 s");
+    // Two workers, one batch each per 2 s over 8 s (and a first pass each):
+    // about 10 exports. Without stepping aside, one per limiter slot: ~40.
+    assert!(exports <= 14, "{exports} exports during an 8 s stream of {sent} webhooks");
+    eventually("every phone of the stream settled", || async {
+        app.store.queue_stats().await.expect("stats").iter().all(|s| s.pending == 0)
+    })
+    .await;
+    app.stop().await;
+}
+
 // ---------------------------------------------------------- restart after fix
 
 /// A wrong token makes the sink misconfigured (retry in an hour here); fixing
@@ -392,6 +437,7 @@ both_backends!(
     a_record_enrolled_after_the_stop_is_stamped_by_the_resync,
     a_sink_configured_after_the_opt_outs_receives_them_at_start,
     after_an_outage_the_backlog_lands_at_once_in_one_batch,
+    during_a_burst_the_relay_steps_aside_but_is_not_starved,
     a_restart_after_fixing_the_token_delivers_at_once,
     a_restart_backfills_a_known_sink_and_never_mails_the_past,
     an_operators_retry_checks_the_sink_itself,
