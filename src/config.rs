@@ -580,8 +580,7 @@ pub struct RelayConfig {
     /// database. 0: never.
     pub yield_above: u32,
     /// The longest a relay task waits for a burst to pass: under sustained
-    /// load each worker still takes a batch, and the fan-out all waiting
-    /// changes, this often.
+    /// load each worker (and the fan-out) still takes a batch this often.
     #[serde(with = "humantime_serde")]
     pub yield_max: Duration,
 }

@@ -68,8 +68,9 @@ fn describe() {
     );
     describe_gauge!(
         "optout_changes_waiting",
-        "Consent changes recorded and not yet fanned out to the sinks' queues (normally 0; growing: the fan-out \
-         is stuck)"
+        "Consent changes recorded and not yet fanned out to the sinks' queues (normally 0; it grows while the \
+         relay steps aside for a burst of webhooks, and falls once the burst has passed; growing otherwise: \
+         the fan-out is stuck)"
     );
     describe_histogram!(
         "optout_relay_yield_seconds",

@@ -3,7 +3,7 @@
 //!
 //! One task per process, woken by ingest's commits; replicas' fan-outs take
 //! disjoint changes. During a burst of webhooks it steps aside
-//! (`Relay::yield_to_ingest`) and then takes everything waiting at once. It runs whatever the sinks' health: a sink backing off
+//! (`Relay::yield_to_ingest`), and takes everything waiting once it passed. It runs whatever the sinks' health: a sink backing off
 //! still has its rows pending, so `/v1/sinks` counts what waits for it and
 //! its probe finds work. A store error is retried with a doubling pause; the
 //! changes stay in the store meanwhile (nothing is lost, only later).
@@ -25,13 +25,13 @@ pub(super) async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     let poll = relay.policy.poll_interval;
     let mut pause = poll;
     let mut last_pass: Option<tokio::time::Instant> = None;
-    let mut draining = false;
     while !shutdown.is_cancelled() {
-        // During a burst, step aside; once running, take everything waiting.
-        if let (Some(last), false) = (last_pass, draining) {
+        // During a burst, one batch per `yield_max`: the workers take no more
+        // meanwhile, and what waits costs a row per change here rather than a
+        // row per change and sink in their queues. Otherwise no wait at all.
+        if let Some(last) = last_pass {
             relay.yield_to_ingest(last, &shutdown).await;
         }
-        draining = false;
         // Registered before the pass: a commit rung while it runs is not lost.
         let woken = relay.wake.notified();
         tokio::pin!(woken);
@@ -44,7 +44,6 @@ pub(super) async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
                     relay.due.notify_waiters();
                 }
                 if taken == u64::from(BATCH) {
-                    draining = true;
                     continue; // more waiting
                 }
             }
