@@ -27,7 +27,11 @@
 #     the relay runs), examples/loadgen.rs sending REQUESTS distinct signed
 #     STOP webhooks over CONCURRENCY connections after a WARMUP, as
 #     bench/ingest.sh does; ROUNDS rounds of (1 sink, 3 sinks), the ratio of
-#     the mean webhooks/s. With INGEST_DIAG=1 (default) each round also runs
+#     the mean webhooks/s, and drained_s (seconds from the end of the load
+#     until nothing is pending). With YIELD_BASELINE=1 (default) each round
+#     also runs 1 and 3 sinks with relay.yield_above = 0, the relay working
+#     beside the load instead of stepping aside: the baseline.
+#     With INGEST_DIAG=1 (default) each round also runs
 #     no sink, and 1 and 3 sinks pointing at a closed port: the relay backs
 #     off and stays idle, so those runs show the ingest path's own cost (a
 #     sink_phones row per sink and webhook) apart from the relay's work.

@@ -3,9 +3,9 @@
 //!
 //! One task per process, woken by ingest's commits; replicas' fan-outs take
 //! disjoint changes. During a burst of webhooks it steps aside
-//! (`Relay::yield_to_ingest`), and takes everything waiting once it passed. It runs whatever the sinks' health: a sink backing off
-//! still has its rows pending, so `/v1/sinks` counts what waits for it and
-//! its probe finds work. A store error is retried with a doubling pause; the
+//! (`Relay::yield_to_ingest`), and takes everything waiting once it passed.
+//! It runs whatever the sinks' health: a sink backing off still has its rows
+//! pending, so `/v1/sinks` counts what waits for it and its probe finds work. A store error is retried with a doubling pause; the
 //! changes stay in the store meanwhile (nothing is lost, only later).
 
 use std::sync::Arc;
