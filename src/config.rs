@@ -349,7 +349,7 @@ pub struct ReconcileConfig {
     pub lookback: Duration,
     /// List per number texted (`To`) instead of the whole account: cheaper
     /// on an account that sends much more than it receives.
-    #[serde(deserialize_with = "string_list")]
+    #[serde(deserialize_with = "number_list")]
     pub to: Vec<String>,
 }
 
@@ -668,10 +668,22 @@ fn secret_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::
     Ok(items.into_iter().filter(|s| !s.is_empty()).map(SecretString::from).collect())
 }
 
-/// An optional list of scopes: one string or a list. A number is refused
-/// rather than turned into text: an environment value such as `+14155550100`
-/// is read as a number, and its `+` would be lost.
+/// An optional list of scopes: one string or a list, numbers refused (see
+/// [`quoted_texts`]).
 fn scope_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    quoted_texts(d, "scope", "scopes").map(Some)
+}
+
+/// Phone numbers: one string or a list, numbers refused (see [`quoted_texts`]).
+fn number_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    quoted_texts(d, "number", "to")
+}
+
+/// One string or a list. A number is refused rather than turned into text:
+/// an environment value such as `+14155550100` is read as a number, and its
+/// `+` would be lost. The error says how to quote it (`what` it is, the
+/// `key` to write).
+fn quoted_texts<'de, D: Deserializer<'de>>(d: D, what: &str, key: &str) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Scalar {
@@ -692,7 +704,7 @@ fn scope_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D:
     };
     let number = |n: String| {
         serde::de::Error::custom(format!(
-            "scope {n} is a number, not text; quote it with its +, e.g. scopes = [\"+{n}\"] \
+            "{what} {n} is a number, not text; quote it with its +, e.g. {key} = [\"+{n}\"] \
              (in the environment: '[\"+{n}\"]')"
         ))
     };
@@ -704,8 +716,7 @@ fn scope_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D:
             Scalar::U(u) => Err(number(u.to_string())),
             Scalar::F(f) => Err(number(f.to_string())),
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+        .collect()
 }
 
 /// Every problem found while reading the layers, one line each, naming the
@@ -1497,6 +1508,15 @@ to = "ops@example.org"
         // One text scope stands for a list of one (an environment value often is).
         let c = parse(&STUDY_A.replace("scopes = [", "scopes = \"MG1\"\n#")).unwrap();
         assert_eq!(c.sinks()[0].1.scopes(), Some(&["MG1".to_owned()][..]));
+    }
+
+    #[test]
+    fn a_reconcile_number_given_as_a_number_is_refused_with_how_to_quote_it() {
+        // What figment makes of OPTOUT_RELAY__RECONCILE__TO=+15005550006.
+        let err = parse("[reconcile]\nto = 15005550006\n").unwrap_err();
+        assert!(err.contains("number 15005550006 is a number") && err.contains("to = [\"+15005550006\"]"), "{err}");
+        let c = parse("[reconcile]\nto = \"+15005550006\"\n").unwrap();
+        assert_eq!(c.reconcile.to, ["+15005550006"]);
     }
 
     #[test]
