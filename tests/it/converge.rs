@@ -39,12 +39,8 @@ fn relay_to(fake: &FakeRedcap) -> impl FnOnce(&mut Config) + '_ {
         r.token = SecretString::from(REDCAP_TOKEN);
         r.request_timeout = Duration::from_secs(1);
         c.redcap = Some(r);
-        c.relay.poll_interval = Duration::from_millis(50);
-        c.relay.retry_base = Duration::from_millis(100);
-        c.relay.retry_cap = Duration::from_millis(400);
-        c.relay.misconfigured_retry = Duration::from_secs(3600);
-        c.relay.lease = Duration::from_secs(5);
-        c.relay.recheck_soon = Duration::from_millis(300);
+        quick_relay(c);
+        // After the fake applies a timed-out import late (2.5 s after it was sent).
         c.relay.recheck_late = Duration::from_secs(4);
     }
 }

@@ -33,13 +33,7 @@ fn with_sinks(sinks: Vec<(&'static str, EveryActionConfig)>) -> impl FnOnce(&mut
         for (name, s) in sinks {
             c.sinks.insert(name.to_owned(), SinkConfig::Everyaction(s));
         }
-        c.relay.poll_interval = Duration::from_millis(50);
-        c.relay.retry_base = Duration::from_millis(100);
-        c.relay.retry_cap = Duration::from_millis(400);
-        c.relay.misconfigured_retry = Duration::from_secs(3600);
-        c.relay.lease = Duration::from_secs(5);
-        c.relay.recheck_soon = Duration::from_millis(300);
-        c.relay.recheck_late = Duration::from_secs(2);
+        quick_relay(c);
     }
 }
 

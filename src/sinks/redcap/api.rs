@@ -34,6 +34,7 @@ use tokio::time::Instant;
 
 use super::limiter::Limiter;
 use super::SINK_NAME;
+use crate::sinks::http::no_answer;
 use crate::sinks::SinkError;
 
 /// REDCap error texts (HTML pages on a 5xx) are cut to this for messages.
@@ -171,18 +172,11 @@ impl Api {
     }
 
     fn transport_error(&self, op: Op, e: reqwest::Error) -> SinkError {
-        let e = e.without_url();
         if e.is_builder() {
-            return SinkError::Misconfigured(format!("cannot build the REDCap {}: {e}", op.what()));
+            return SinkError::Misconfigured(format!("cannot build the REDCap {}: {}", op.what(), e.without_url()));
         }
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
-        transport_failure(op, &self.host, self.timeout, !e.is_connect(), e.is_timeout(), &text)
+        let failed = no_answer(e);
+        transport_failure(op, &self.host, self.timeout, failed.connected, failed.timed_out, &failed.text)
     }
 }
 

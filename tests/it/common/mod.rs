@@ -291,6 +291,19 @@ macro_rules! both_backends {
     };
 }
 
+/// Relay settings for tests that follow a sink through its faults: quick
+/// polls and probes, a short lease, re-reads within seconds; a refusing sink
+/// is not retried during the test.
+pub fn quick_relay(c: &mut Config) {
+    c.relay.poll_interval = Duration::from_millis(50);
+    c.relay.retry_base = Duration::from_millis(100);
+    c.relay.retry_cap = Duration::from_millis(400);
+    c.relay.misconfigured_retry = Duration::from_secs(3600);
+    c.relay.lease = Duration::from_secs(5);
+    c.relay.recheck_soon = Duration::from_millis(300);
+    c.relay.recheck_late = Duration::from_secs(2);
+}
+
 /// A REDCap sink configuration pointing at `url`.
 pub fn redcap_config(url: &str) -> optout_relay::config::RedcapConfig {
     optout_relay::config::RedcapConfig {
