@@ -287,7 +287,9 @@ async fn during_a_burst_the_relay_steps_aside_but_is_not_starved(b: Backend) {
     // about 10 exports. Without stepping aside, one per limiter slot: ~40.
     assert!(exports <= 14, "{exports} exports during an 8 s stream of {sent} webhooks");
     eventually("every phone of the stream settled", || async {
-        app.store.queue_stats().await.expect("stats").iter().all(|s| s.pending == 0)
+        // Changes first: the fan-out took one batch per 2 s during the stream.
+        app.store.changes_waiting().await.expect("changes") == 0
+            && app.store.queue_stats().await.expect("stats").iter().all(|s| s.pending == 0)
     })
     .await;
     app.stop().await;

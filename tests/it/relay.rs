@@ -79,6 +79,14 @@ async fn pending(store: &Store) -> usize {
     deliveries(store, Some("pending")).await.len()
 }
 
+/// Nothing left to do: every change fanned out (the fan-out runs after the
+/// webhook's answer, so "nothing pending" alone can come before its rows
+/// exist) and no row pending. Changes first: a fan-out commits its rows and
+/// the removal of its changes together.
+async fn settled(store: &Store) -> bool {
+    store.changes_waiting().await.expect("changes") == 0 && pending(store).await == 0
+}
+
 /// `phone`'s row of `sink`.
 async fn row(store: &Store, sink: &str, phone: &str) -> Option<DeliveryRow> {
     let phone = Phone::from_stored(phone.to_owned());
@@ -154,7 +162,7 @@ async fn stop_stamps_every_record_with_that_number_in_any_format(b: Backend) {
     assert_eq!(fake.value("8", None, FIELD).unwrap_or_default(), "", "a blank phone never matches");
     assert_eq!(fake.record_count(), 8, "no record created");
 
-    eventually("the phone's row done", || async { pending(&app.store).await == 0 }).await;
+    eventually("the phone's row done", || async { settled(&app.store).await }).await;
     let done = deliveries(&app.store, Some("done")).await;
     assert_eq!(done.len(), 1, "one row for the phone: {done:?}");
     assert_eq!(done[0].written_opted_out, Some(true));
@@ -176,7 +184,7 @@ async fn start_after_stop_clears_the_field(b: Backend) {
     eventually("stamped", || async { stamped(&fake, "1") }).await;
     text(&app, "SMs2", "+14155550102", "START").await;
     eventually("cleared", || async { fake.value("1", None, FIELD).as_deref() == Some("") }).await;
-    eventually("done", || async { pending(&app.store).await == 0 }).await;
+    eventually("done", || async { settled(&app.store).await }).await;
     let before = row(&app.store, "redcap", "+14155550102").await.unwrap();
     // HELP changes nothing and queues nothing: the row is not made pending again.
     text(&app, "SMs3", "+14155550102", "HELP").await;
@@ -198,7 +206,7 @@ async fn a_stop_retried_after_a_later_start_never_restamps(b: Backend) {
     let app = spawn_app_with(b, relay_to(&fake)).await;
     text(&app, "SMo1", PHONE, "STOP").await;
     eventually("the first STOP landed", || async { stamped(&fake, "1") }).await;
-    eventually("done", || async { pending(&app.store).await == 0 }).await;
+    eventually("done", || async { settled(&app.store).await }).await;
 
     fake.set_fault(Fault::Status500);
     // After each change, two failed tries: at least one of them after the change.
@@ -389,7 +397,7 @@ async fn redcap_down_then_up_loses_nothing(b: Backend) {
     assert_eq!(fake.value("1", None, FIELD).as_deref(), Some(""), "nothing written while REDCap hangs");
     fake.set_fault(Fault::None);
     eventually("stamped once REDCap is back", || async { stamped(&fake, "1") }).await;
-    eventually("done", || async { pending(&app.store).await == 0 }).await;
+    eventually("done", || async { settled(&app.store).await }).await;
     let r = row(&app.store, "redcap", PHONE).await.unwrap();
     assert_eq!((r.status.as_str(), r.written_opted_out, r.last_error.as_deref()), ("done", Some(true), None));
     // The sink's health is recorded just after the row's outcome.
@@ -620,7 +628,7 @@ async fn a_help_message_sends_no_email(b: Backend) {
     // A change after it, as a sync point: once its mail is out, the HELP's would be too.
     text(&app, "SMhelp2", "+14155550118", "STOP").await;
     eventually("the STOP's email sent", || async { !smtp.messages().is_empty() }).await;
-    eventually("done", || async { pending(&app.store).await == 0 }).await;
+    eventually("done", || async { settled(&app.store).await }).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let messages = smtp.messages();
     assert_eq!(messages.len(), 1, "{:?}", messages.iter().map(|m| m.header("Subject")).collect::<Vec<_>>());
@@ -787,7 +795,7 @@ async fn a_crashed_workers_lease_expires_and_the_delivery_is_retried(b: Backend)
     };
     exec(&url, &[expire]).await;
     eventually("retried after the lease expired", || async { stamped(&fake, "1") }).await;
-    eventually("done", || async { pending(&store).await == 0 }).await;
+    eventually("done", || async { settled(&store).await }).await;
     // The crashed worker, should it wake, can no longer settle the row.
     let failed = Settle::Failed { error: "late".into() };
     assert!(!settle_one(&store, &claimed[0], "crashed-worker", &failed).await, "its lease is gone");
@@ -812,7 +820,7 @@ async fn a_backlog_is_delivered_in_few_redcap_calls(b: Backend) {
     relay_to(&fake)(&mut config);
     config.relay.workers = 1;
     let (stop, handle) = serve(config).await;
-    eventually("backlog written", || async { pending(&store).await == 0 }).await;
+    eventually("backlog written", || async { settled(&store).await }).await;
     assert!((0..120).all(|i| stamped(&fake, &format!("r{i}"))));
     assert_eq!(fake.calls_of(CallKind::Export), 1, "one export for the whole batch");
     assert_eq!(fake.calls_of(CallKind::Import), 1, "one import for the whole batch");
@@ -866,7 +874,7 @@ async fn two_instances_on_one_postgres_end_every_record_at_the_latest_change() {
     for t in tasks {
         t.await.unwrap();
     }
-    eventually("all converged", || async { pending(&first.store).await == 0 }).await;
+    eventually("all converged", || async { settled(&first.store).await }).await;
     let done = deliveries(&first.store, Some("done")).await;
     assert_eq!(done.len(), 20, "one row per phone");
     assert!(done.iter().all(|r| r.written_opted_out == Some(true)), "{done:?}");
@@ -931,7 +939,7 @@ async fn two_instances_on_one_postgres_probe_a_failing_redcap_once_per_step() {
     fake.set_fault(Fault::None);
     eventually("every record stamped once REDCap is back", || async { (0..6).all(|i| stamped(&fake, &i.to_string())) })
         .await;
-    eventually("all converged", || async { pending(&first.store).await == 0 }).await;
+    eventually("all converged", || async { settled(&first.store).await }).await;
     first.stop().await;
 }
 
